@@ -1,0 +1,90 @@
+"""Which implementation runs an op: the PyTorch reference or the Triton kernels.
+
+``FUSEDVAE_BACKEND`` (read at every call) or :func:`use_backend` picks one of
+
+- ``"auto"`` (default): Triton for CUDA tensors, the reference for everything else;
+- ``"triton"``: the Triton kernels always; CPU tensors need ``TRITON_INTERPRET=1`` (Triton's
+  interpreter), otherwise a clear ``RuntimeError``;
+- ``"reference"``: the plain PyTorch reference always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_override = threading.local()
+
+
+def _requested_backend() -> str:
+    name = getattr(_override, "name", None) or os.environ.get("FUSEDVAE_BACKEND", "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"FUSEDVAE_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton runs kernels on CPU tensors through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (``"auto"``, ``"triton"`` or ``"reference"``).
+
+    Overrides ``FUSEDVAE_BACKEND`` for the current thread; nests.
+
+    Example::
+
+        >>> import torch, fusedvae as fv
+        >>> with fv.use_backend("reference"):
+        ...     kl = fv.kl_normal(torch.randn(4, 8), torch.randn(4, 8))
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """The backend, ``"triton"`` or ``"reference"``, that an op on ``tensor`` runs on now.
+
+    Raises ``RuntimeError`` when ``"triton"`` is forced where it cannot run (no Triton installed,
+    or a CPU tensor without ``TRITON_INTERPRET=1``).
+
+    Example::
+
+        >>> import torch, fusedvae as fv
+        >>> fv.backend_for(torch.zeros(3))  # a CPU tensor under the default "auto"
+        'reference'
+    """
+    requested = _requested_backend()
+    if requested == "reference":
+        return "reference"
+    if requested == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "reference"
+    if not triton_available():
+        raise RuntimeError("backend 'triton' was requested but the triton package is not installed")
+    if not tensor.is_cuda and not triton_interpreter_enabled():
+        raise RuntimeError(
+            f"backend 'triton' on a {tensor.device.type} tensor needs Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing triton, or use a CUDA tensor"
+        )
+    return "triton"

@@ -1,0 +1,18 @@
+"""Dtype rules shared by every backend: compute in float32 (float64 for float64 inputs), return torch's promoted dtype."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype torch's type promotion gives the inputs: what every op returns."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise (half inputs are upcast)."""
+    return torch.float64 if result_dtype(*tensors) == torch.float64 else torch.float32

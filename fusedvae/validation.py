@@ -1,0 +1,91 @@
+"""Argument checks shared by every public op: each error names the argument, its shape or dtype."""
+
+from __future__ import annotations
+
+import torch
+
+#: Reductions every op accepts; ``batchmean`` (sum / size of dim 0) is the per-datapoint ELBO term.
+REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
+#: The KL also reports per-latent-dimension sums over the batch.
+KL_REDUCTIONS = REDUCTIONS + ("per_dim",)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    """``value`` must be a floating-point tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
+    """All tensors given must live on one device."""
+    present = {name: t for name, t in named.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the shape of {ref_name}, {tuple(ref.shape)}, got {tuple(value.shape)}"
+        )
+
+
+def check_broadcasts_to(name: str, value: torch.Tensor, target_name: str, target: torch.Tensor) -> None:
+    """``value`` must broadcast to ``target``'s shape without growing it."""
+    try:
+        shape = torch.broadcast_shapes(value.shape, target.shape)
+    except RuntimeError:
+        shape = None
+    if shape != target.shape:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast to {target_name}'s shape "
+            f"{tuple(target.shape)}"
+        )
+
+
+def check_reduction(reduction: object, allowed: tuple[str, ...] = REDUCTIONS) -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
+    return reduction
+
+
+def check_batched(name: str, value: torch.Tensor, reduction: str) -> None:
+    """Reductions that keep or divide by dim 0 need a dim 0."""
+    if reduction in ("batchmean", "per_sample", "per_dim") and value.dim() == 0:
+        raise ValueError(f"reduction {reduction!r} needs a batch dimension, but {name} is 0-dimensional")
+
+
+def check_n_samples(n_samples: object) -> int:
+    """``None`` means one sample without a leading sample dimension; returns the count."""
+    if n_samples is None:
+        return 1
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+        raise TypeError(f"n_samples must be an int or None, got {type(n_samples).__name__}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    return n_samples
+
+
+def check_free_bits(free_bits: object, reduction: str) -> float:
+    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)):
+        raise TypeError(f"free_bits must be a float, got {type(free_bits).__name__}")
+    free_bits = float(free_bits)
+    if not free_bits >= 0.0:
+        raise ValueError(f"free_bits must be >= 0, got {free_bits}")
+    if free_bits > 0.0 and reduction != "batchmean":
+        raise ValueError(f"free_bits > 0 needs reduction='batchmean', got reduction={reduction!r}")
+    return free_bits
+
+
+def check_generator(generator: object, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the tensors are on {device}")
