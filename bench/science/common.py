@@ -1,0 +1,430 @@
+"""Shared pieces of the science suite: context, data, models, training loop, evaluation, output helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import fusedvae as fv
+
+# --------------------------------------------------------------------------------------------------
+# Context and results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every study receives: where to write, how big to run, on which device, on which data."""
+
+    out_dir: Path
+    quick: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    data: str | None = None
+    verbose: bool = True
+
+    def log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[science {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def steps(self, full: int, quick: int = 5) -> int:
+        """A step count: ``full`` normally, a handful in quick mode."""
+        return quick if self.quick else full
+
+
+@dataclass
+class StudyResult:
+    """One study's outcome, rendered into REPORT.md by :mod:`bench.science.report`."""
+
+    number: int
+    slug: str
+    title: str
+    papers: str
+    claim: str
+    method: str
+    body: list[str]  # markdown blocks: tables and paragraphs
+    figures: list[str]  # file names inside out_dir
+    csvs: list[str]  # file names inside out_dir
+    verdict: str  # one line, for the README
+    outcome: str  # "bears out", "partly", "does not bear out"
+    seconds: float = 0.0
+
+
+def write_csv(ctx: Context, name: str, rows: list[dict] | pd.DataFrame) -> str:
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    path = ctx.out_dir / name
+    frame.to_csv(path, index=False, float_format="%.6g")
+    return name
+
+
+def markdown_table(frame: pd.DataFrame, floatfmt: dict[str, str] | None = None, default: str = "{:.4g}") -> str:
+    """A GitHub-markdown table, each float column formatted by ``floatfmt[col]`` (a format string)."""
+    floatfmt = floatfmt or {}
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = [header, rule]
+    for _, row in frame.iterrows():
+        cells = []
+        for col in frame.columns:
+            value = row[col]
+            if isinstance(value, (float, np.floating)):
+                cells.append("nan" if math.isnan(value) else floatfmt.get(col, default).format(value))
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` intra-op threads (small models are fastest on one), restoring the old number."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Images ``(N, C, H, W)`` in [0, 1] with a fixed train/test split; ``flat`` views them as ``(N, D)``."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    levels: int  # grey levels of the source data (dequantised by uniform noise), 0 when continuous
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.image_shape))
+
+    def flat(self, split: str = "train") -> torch.Tensor:
+        data = self.train if split == "train" else self.test
+        return data.reshape(data.shape[0], -1)
+
+
+def _dequantise(values: np.ndarray, levels: int, rng: np.random.Generator) -> np.ndarray:
+    """Integer grey levels 0..levels-1 to (v + u) / levels in (0, 1): a continuous density has a finite NLL."""
+    return (values + rng.random(values.shape)) / levels
+
+
+def load_digits_images(seed: int = 0, *, quick: bool = False, scale: float = 1.0) -> Dataset:
+    """scikit-learn's 1797 handwritten digits (8x8, grey levels 0..16), dequantised, 80/20 split.
+
+    ``scale`` multiplies the [0, 1] values (``17`` gives the dataset's own grey-level units).
+    """
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().data.astype(np.float64)  # (1797, 64), integers 0..16
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(raw.shape[0])
+    if quick:
+        order = order[:120]
+    values = _dequantise(raw[order], 17, rng) * scale
+    images = torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    n_train = int(round(0.8 * images.shape[0]))
+    return Dataset("sklearn digits 8x8 (dequantised)", images[:n_train], images[n_train:], 17)
+
+
+def load_image_data(ctx: Context, seed: int = 0, *, max_train: int = 6000, max_test: int = 1500) -> Dataset:
+    """The study data: ``ctx.data`` (an MNIST IDX file, through the bench loader) or the bundled digits."""
+    if ctx.data is None:
+        return load_digits_images(seed, quick=ctx.quick)
+    images = _load_external_images(ctx.data)  # (N, H, W) uint8 or float
+    array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    array = array.astype(np.float64)
+    if array.ndim == 2:  # (N, D) flattened: assume square images
+        side = int(round(math.sqrt(array.shape[1])))
+        array = array.reshape(-1, side, side)
+    if array.ndim == 3:
+        array = array[:, None]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(array.shape[0])
+    if ctx.quick:
+        order = order[:120]
+    else:
+        order = order[: max_train + max_test]
+    array = array[order]
+    if array.max() > 1.0:  # integer grey levels 0..255
+        array = _dequantise(np.round(array), 256, rng)
+        levels = 256
+    else:
+        levels = 0
+    images_t = torch.tensor(array, dtype=torch.float32)
+    n_train = int(round(0.8 * images_t.shape[0]))
+    return Dataset(f"{Path(ctx.data).name} (dequantised)", images_t[:n_train], images_t[n_train:], levels)
+
+
+def _load_external_images(path: str):
+    """Load images through the bench suite's IDX loader, the one the training loops use."""
+    candidates = (
+        ("bench.data", "load_idx"),
+        ("bench.data", "load_mnist"),
+        ("bench.data", "load_images"),
+        ("bench.datasets", "load_idx"),
+        ("bench.datasets", "load_mnist"),
+        ("bench.idx", "load_idx"),
+        ("bench.idx", "read_idx"),
+    )
+    import importlib
+
+    for module_name, attr in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        loader = getattr(module, attr, None)
+        if loader is not None:
+            return loader(path)
+    raise NotImplementedError(
+        f"--data {path}: no IDX loader found in the bench package (looked for "
+        + ", ".join(f"{m}.{a}" for m, a in candidates)
+        + "); run the science suite without --data to use scikit-learn's digits"
+    )
+
+
+def synthetic_factors(
+    n: int, *, n_factors: int = 4, dim: int = 32, noise: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data from a known generative model with independent factors: ``x = f(c) + noise``.
+
+    ``c ~ N(0, I_k)``; ``f`` a fixed random two-layer tanh network into ``dim`` dimensions, scaled to
+    unit variance per output. Returns ``(x, c)`` in float32.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    factors = torch.randn(n, n_factors, generator=gen)
+    w1 = torch.randn(n_factors, 64, generator=gen) / math.sqrt(n_factors)
+    b1 = 0.3 * torch.randn(64, generator=gen)
+    w2 = torch.randn(64, dim, generator=gen) / math.sqrt(64)
+    clean = torch.tanh(factors @ w1 + b1) @ w2
+    clean = (clean - clean.mean(0)) / clean.std(0)
+    x = clean + noise * torch.randn(n, dim, generator=gen)
+    return x.float(), factors.float()
+
+
+class Batches:
+    """Random minibatches from a tensor, from their own generator (the model's noise stays on torch's default)."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.data = data
+        self.batch_size = min(batch_size, data.shape[0])
+        self.gen = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.batch_size >= self.data.shape[0]:
+            return self.data
+        if self._pos + self.batch_size > self._order.numel():
+            self._order = torch.randperm(self.data.shape[0], generator=self.gen)
+            self._pos = 0
+        index = self._order[self._pos : self._pos + self.batch_size].to(self.data.device)
+        self._pos += self.batch_size
+        return self.data.index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class MLPVAE(nn.Module):
+    """Encoder ``x -> (mu, logvar)`` and decoder ``z -> mean`` for flat data ``(B, D)``."""
+
+    def __init__(self, dim: int, latent: int, hidden: int = 128, *, bn_gamma: float | None = None) -> None:
+        super().__init__()
+        self.latent = latent
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.to_mu = nn.Linear(hidden, latent)
+        self.to_logvar = nn.Linear(hidden, latent)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+        )
+        self.bn = fv.nn.BatchNormMean(latent, bn_gamma) if bn_gamma else None
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x.reshape(x.shape[0], -1))
+        mu = self.to_mu(h)
+        if self.bn is not None:
+            mu = self.bn(mu)
+        return mu, self.to_logvar(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+
+class ConvVAE(nn.Module):
+    """A small convolutional VAE for ``(B, C, H, W)`` images (two stride-2 convolutions each way)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent: int, width: int = 32) -> None:
+        super().__init__()
+        channels, height, width_px = image_shape
+        self.image_shape = image_shape
+        self.latent = latent
+        self.conv1 = nn.Conv2d(channels, width, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        with torch.no_grad():
+            probe = torch.zeros(1, *image_shape)
+            self._size1 = tuple(self.conv1(probe).shape[-2:])
+            self._feature = tuple(self.conv2(self.conv1(probe)).shape[1:])
+        flat = int(np.prod(self._feature))
+        self.to_stats = nn.Linear(flat, 2 * latent)
+        self.from_z = nn.Sequential(nn.Linear(latent, flat), nn.ReLU())
+        self.deconv2 = nn.ConvTranspose2d(2 * width, width, 3, stride=2, padding=1)
+        self.deconv1 = nn.ConvTranspose2d(width, channels, 3, stride=2, padding=1)
+        self._height, self._width = height, width_px
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        mu, logvar = self.to_stats(h.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        h = self.from_z(z.reshape(-1, z.shape[-1])).reshape(-1, *self._feature)
+        h = torch.relu(self.deconv2(h, output_size=self._size1))
+        mean = self.deconv1(h, output_size=(self._height, self._width))
+        return mean.reshape(*lead, *self.image_shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, steps: int, floor: float = 0.02) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the optimizer's lr to ``floor`` times it over ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+    )
+
+
+def train_loop(
+    loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
+    params: list[torch.nn.Parameter],
+    batches: Batches,
+    steps: int,
+    *,
+    lr: float = 2e-3,
+    cosine: bool = True,
+    callback: Callable[[int], None] | None = None,
+    every: int = 0,
+) -> None:
+    """Adam on ``loss_fn(batch, step)`` for ``steps`` steps; ``callback(step)`` every ``every`` steps."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = cosine_lr(optimizer, steps) if cosine else None
+    for step in range(steps):
+        loss = loss_fn(batches.next(), step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if callback is not None and every and ((step + 1) % every == 0 or step + 1 == steps):
+            callback(step + 1)
+
+
+@torch.no_grad()
+def posterior(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and log-variances over a whole data set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    mus, logvars = [], []
+    for start in range(0, x.shape[0], batch):
+        mu, logvar = model.encode(x[start : start + batch])
+        mus.append(mu)
+        logvars.append(logvar)
+    model.train(was_training)
+    return torch.cat(mus), torch.cat(logvars)
+
+
+@torch.no_grad()
+def per_sample_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``(N, q)`` KL of each datapoint's posterior to N(0, I), per latent dimension (fusedvae's exact KL)."""
+    return fv.kl_normal(mu, logvar, reduction="none")
+
+
+@torch.no_grad()
+def evaluate_gaussian_vae(
+    model: nn.Module,
+    x: torch.Tensor,
+    log_sigma: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | torch.Tensor | float,
+    *,
+    n_samples: int = 10,
+) -> dict[str, float]:
+    """Test-set negative ELBO (β = 1) per datapoint and per dimension, its NLL and KL, and the MSE.
+
+    ``log_sigma`` is the decoder's log σ_x: a float or tensor, or a function ``(x, mean) -> log σ``
+    (the σ-VAE's optimal σ, computed on the evaluation data).
+    """
+    was_training = model.training
+    model.eval()
+    mu, logvar = model.encode(x)
+    kl = float(fv.kl_normal(mu, logvar))
+    nll_total, sse_total = 0.0, 0.0
+    for _ in range(n_samples):
+        z = fv.rsample(mu, logvar)
+        mean = model.decode(z)
+        s = log_sigma(x, mean) if callable(log_sigma) else log_sigma
+        nll_total += float(fv.gaussian_nll(x, mean, s))
+        sse_total += float((x - mean).square().sum())
+    model.train(was_training)
+    dim = x[0].numel()
+    nll = nll_total / n_samples
+    return {
+        "nll": nll,
+        "kl": kl,
+        "neg_elbo": nll + kl,
+        "neg_elbo_per_dim": (nll + kl) / dim,
+        "mse": sse_total / n_samples / x.numel(),
+    }
+
+
+def log_sigma_per_sample(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The σ-VAE's optimal log σ per sample, shaped to broadcast against ``x``."""
+    s = fv.optimal_log_sigma(x, mean, per_sample=True)
+    return s.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def log_sigma_global(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return fv.optimal_log_sigma(x, mean)
+
+
+def env_summary(device: torch.device) -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}, {os.cpu_count()} cores)"
+    return f"{where}; torch {torch.__version__}; fusedvae {fv.__version__}; backend {fv.backend_for(torch.zeros(1, device=device))}"

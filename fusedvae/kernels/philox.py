@@ -1,0 +1,117 @@
+"""Philox4x32-10 and its Box-Muller normal in Triton, bit for bit as :mod:`fusedvae.reference.philox`.
+
+The noise of logical element ``j`` under ``(seed, offset)``: counter ``offset + j`` split into 32-bit
+words ``(lo, hi, 0, 0)``, key ``(seed lo, seed hi)``; of the four output words the first two become
+one standard normal::
+
+    u1 = ((r0 >> 8) + 1) * 2^-24      in (0, 1], so log(u1) is finite
+    u2 = (r1 >> 8) * 2^-24            in [0, 1)
+    eps = sqrt(-2 log u1) * cos(2 pi u2)
+
+Keyed by the logical index, never by the program or the block, so a kernel regenerates any element's
+noise under any tiling (the backward pass tiles differently from the forward pass). The integer part
+matches the reference exactly; only ``log``, ``sqrt`` and ``cos`` round (a few ulps). Triton ships
+``tl.philox`` with the same rounds, but the helper here owns the counter layout and the constants so
+the bit-for-bit contract does not depend on a Triton release.
+
+The launchers at the bottom (:func:`philox_words`, :func:`philox_normal`) exist for the parity tests
+and the parity tool; the fused kernels call the ``@triton.jit`` helpers directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Philox4x32 multipliers and Weyl key increments (Salmon et al. 2011), as in the reference.
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+PHILOX_ROUNDS = tl.constexpr(10)
+TWO_PI = tl.constexpr(6.283185307179586)
+TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, exact in every float dtype
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Ten Philox4x32 rounds on uint32 blocks ``c0..c3`` with the uint32 key ``(k0, k1)``."""
+    for _ in tl.static_range(PHILOX_ROUNDS):
+        hi0 = tl.umulhi(c0, PHILOX_M0)
+        lo0 = c0 * PHILOX_M0  # uint32 arithmetic wraps mod 2^32: the low word of the product
+        hi1 = tl.umulhi(c2, PHILOX_M1)
+        lo1 = c2 * PHILOX_M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_counter_words(seed, counter):
+    """The four uint32 output words for int64 ``counter`` (a block) under the int64 scalar ``seed``."""
+    seed = seed.to(tl.int64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = c0 * 0
+    return philox4x32_10(c0, c1, zero, zero, k0, k1)
+
+
+@triton.jit
+def philox_normal_block(seed, counter, DTYPE: tl.constexpr):
+    """Standard normals in ``DTYPE`` (float32 or float64) for the int64 block ``counter``."""
+    r0, r1, _, _ = philox_counter_words(seed, counter)
+    u1 = ((r0 >> 8) + 1).to(DTYPE) * TWO_POW_MINUS_24
+    u2 = (r1 >> 8).to(DTYPE) * TWO_POW_MINUS_24
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * TWO_PI)
+
+
+@triton.jit
+def _philox_words_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < numel
+    r0, r1, r2, r3 = philox_counter_words(seed, offset + index)
+    tl.store(out_ptr + index, r0.to(tl.int64), mask=mask)
+    tl.store(out_ptr + numel + index, r1.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 2 * numel + index, r2.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 3 * numel + index, r3.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _philox_normal_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    eps = philox_normal_block(seed, offset + index, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + index, eps, mask=index < numel)
+
+
+_BLOCK = 1024
+
+
+def philox_words(seed: int, offset: int, numel: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The raw Philox words ``(r0, r1, r2, r3)`` of logical indices ``0 .. numel-1``, an int64 ``(4, numel)``.
+
+    Compare with :func:`fusedvae.reference.philox4x32`. Runs on CUDA tensors, or on CPU under
+    ``TRITON_INTERPRET=1``. Example::
+
+        >>> philox_words(1234, 0, 3).shape  # doctest: +SKIP
+        torch.Size([4, 3])
+    """
+    out = torch.empty(4, numel, dtype=torch.int64, device=device)
+    if numel:
+        _philox_words_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, BLOCK=_BLOCK)
+    return out
+
+
+def philox_normal(
+    seed: int, offset: int, numel: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``numel`` standard normals for logical indices ``0 .. numel-1``, as :func:`fusedvae.reference.philox_normal`."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    out = torch.empty(numel, dtype=dtype, device=device)
+    if numel:
+        _philox_normal_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, BLOCK=_BLOCK)
+    return out

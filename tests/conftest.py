@@ -1,0 +1,15 @@
+"""Shared pytest setup: without a GPU, Triton kernels run on CPU tensors through Triton's interpreter.
+
+``TRITON_INTERPRET`` is read when a kernel is decorated, so it is set here, before any test module
+imports :mod:`fusedvae.kernels` (and triton with it). An explicit ``TRITON_INTERPRET`` in the
+environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
