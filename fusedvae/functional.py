@@ -386,14 +386,15 @@ def gaussian_nll_loss(
     if check_var and bool(torch.any(var < 0)):
         raise ValueError("var has negative entry/entries")
     var = _torch_var_shape_rule(input, var)
-    try:
-        shape = torch.broadcast_shapes(input.shape, target.shape, var.shape)
-    except RuntimeError:
-        shape = None
-    if shape is None or torch.broadcast_shapes(input.shape, var.shape) != input.shape:
+    if check.broadcast_shape(input.shape, var.shape) != input.shape:
         raise ValueError(
-            f"var is of incorrect size: var of shape {tuple(var.shape)} and target of shape "
-            f"{tuple(target.shape)} must broadcast to input's shape {tuple(input.shape)}"
+            f"var is of incorrect size: var of shape {tuple(var.shape)} does not broadcast to input's shape "
+            f"{tuple(input.shape)}"
+        )
+    shape = check.broadcast_shape(input.shape, target.shape)
+    if shape is None:
+        raise ValueError(
+            f"target of shape {tuple(target.shape)} does not broadcast with input of shape {tuple(input.shape)}"
         )
     if not isinstance(reduction, str) or reduction not in check.REDUCTIONS:
         raise ValueError(f"{reduction} is not valid: reduction must be one of {check.REDUCTIONS}")

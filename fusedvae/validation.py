@@ -35,13 +35,17 @@ def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.T
         )
 
 
+def broadcast_shape(*shapes: torch.Size) -> torch.Size | None:
+    """The broadcast of ``shapes``, or ``None`` where they do not broadcast."""
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return None
+
+
 def check_broadcasts_to(name: str, value: torch.Tensor, target_name: str, target: torch.Tensor) -> None:
     """``value`` must broadcast to ``target``'s shape without growing it."""
-    try:
-        shape = torch.broadcast_shapes(value.shape, target.shape)
-    except RuntimeError:
-        shape = None
-    if shape != target.shape:
+    if broadcast_shape(value.shape, target.shape) != target.shape:
         raise ValueError(
             f"{name} of shape {tuple(value.shape)} does not broadcast to {target_name}'s shape "
             f"{tuple(target.shape)}"

@@ -355,12 +355,15 @@ def test_vae_loss_learned_prior(gen):
         assert_close(a, b)
 
 
-def test_vae_loss_per_sample_beta(gen):
+@pytest.mark.parametrize("log_sigma", [0.0, -0.3, "optimal", "optimal_per_sample"])
+def test_vae_loss_per_sample_beta(gen, log_sigma):
     x, mu, lv = _vae_inputs(gen)
     decoder = _decoder(3, 8)
     beta = torch.rand(6, generator=gen, dtype=F64) * 2
-    out = fv.vae_loss(x, decoder, mu, lv, beta=beta, generator=torch.Generator().manual_seed(5))
-    nll, kl = _manual_from_generator(x, decoder, mu, lv, torch.Generator().manual_seed(5), log_sigma=0.0, optimal=None)
+    out = fv.vae_loss(x, decoder, mu, lv, beta=beta, log_sigma=log_sigma, generator=torch.Generator().manual_seed(5))
+    optimal = log_sigma if isinstance(log_sigma, str) else None
+    nll, kl = _manual_from_generator(x, decoder, mu, lv, torch.Generator().manual_seed(5), log_sigma=log_sigma,
+                                     optimal=optimal)
     want = (nll + beta * kl).mean()
     assert_close(out.loss, want)
     assert_close(out.nll, nll.mean())
@@ -369,9 +372,9 @@ def test_vae_loss_per_sample_beta(gen):
     for a, b in zip(grads(out.loss, params), grads(want, params)):
         assert_close(a, b)
     # a constant beta tensor equals the float beta
-    const = fv.vae_loss(x, decoder, mu, lv, beta=torch.full((6,), 0.3, dtype=F64),
+    const = fv.vae_loss(x, decoder, mu, lv, beta=torch.full((6,), 0.3, dtype=F64), log_sigma=log_sigma,
                         generator=torch.Generator().manual_seed(5))
-    flt = fv.vae_loss(x, decoder, mu, lv, beta=0.3, generator=torch.Generator().manual_seed(5))
+    flt = fv.vae_loss(x, decoder, mu, lv, beta=0.3, log_sigma=log_sigma, generator=torch.Generator().manual_seed(5))
     assert_close(const.loss, flt.loss)
 
 
@@ -447,7 +450,7 @@ def _ops_with_reduction(gen):
 
 @pytest.mark.parametrize("reduction", ["average", "MEAN", None, 3])
 def test_unknown_reduction_is_rejected(gen, reduction):
-    for name, call in _ops_with_reduction(gen).items():
+    for call in _ops_with_reduction(gen).values():
         with pytest.raises(ValueError, match="reduction|is not valid"):
             call(reduction)
     for name in ("gaussian_nll", "gaussian_nll_optimal", "gaussian_nll_loss"):  # per_dim is the KL's only
@@ -564,6 +567,7 @@ def test_bad_n_samples(gen, n_samples, error):
 
 def test_zero_dim_inputs_need_no_batch_for_elementwise_reductions(gen):
     mu, lv = randn(gen), randn(gen)
+    assert fv.rsample(mu, lv).shape == () and fv.rsample(mu, lv, n_samples=3).shape == (3,)
     assert_close(fv.kl_normal(mu, lv, reduction="sum"), kl_closed_form(mu, lv))
     for reduction in ("batchmean", "per_sample", "per_dim"):
         with pytest.raises(ValueError, match="batch dimension"):
@@ -678,6 +682,7 @@ def test_low_precision_inputs_return_their_dtype(gen, dtype):
     for got, want in pairs:
         assert got.dtype == dtype
         torch.testing.assert_close(got.to(F64), want, rtol=tol, atol=tol)
+    assert fv.optimal_log_sigma(x, m).dtype == torch.float32  # documented: float32 unless float64 in
     # mixed inputs promote as torch does
     assert fv.kl_normal(mu.float(), lv.double()).dtype == F64
     assert fv.gaussian_nll(x, m, torch.tensor(0.1, dtype=F64)).dtype == F64

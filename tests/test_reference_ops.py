@@ -158,7 +158,7 @@ def test_kl_broadcast_prior_gradients_match_torch_distributions(gen, reduction):
     kl = fv.kl_normal(mu, lv, mu_p, lv_p, reduction=reduction)
     ref = reduce_ref(kl_torch(mu, lv, mu_p, lv_p), reduction)
     g = randn(gen, *kl.shape, shift=0.3)
-    for got, want, in zip(grads(kl, [mu, lv, mu_p, lv_p], g), grads(ref, [mu, lv, mu_p, lv_p], g)):
+    for got, want in zip(grads(kl, [mu, lv, mu_p, lv_p], g), grads(ref, [mu, lv, mu_p, lv_p], g)):
         assert got.shape == want.shape
         assert_close(got, want)
     assert grads(kl, [mu_p], g)[0].shape == (3, 1)

@@ -72,11 +72,10 @@ def markdown_table(frame: pd.DataFrame, floatfmt: dict[str, str] | None = None, 
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     lines = [header, rule]
-    for _, row in frame.iterrows():
+    for values in zip(*(frame[c].tolist() for c in frame.columns)):
         cells = []
-        for col in frame.columns:
-            value = row[col]
-            if isinstance(value, (float, np.floating)):
+        for col, value in zip(frame.columns, values):
+            if isinstance(value, float):
                 cells.append("nan" if math.isnan(value) else floatfmt.get(col, default).format(value))
             else:
                 cells.append(str(value))

@@ -35,16 +35,25 @@ TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, exact in every
 
 
 @triton.jit
+def _mulhilo32(a, multiplier: tl.constexpr):
+    """High and low uint32 words of ``multiplier * a``: one widening 32x32->64 multiply."""
+    product = a.to(tl.uint64) * multiplier
+    return (product >> 32).to(tl.uint32), product.to(tl.uint32)
+
+
+@triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Ten Philox4x32 rounds on uint32 blocks ``c0..c3`` with the uint32 key ``(k0, k1)``."""
-    for _ in tl.static_range(PHILOX_ROUNDS):
-        hi0 = tl.umulhi(c0, PHILOX_M0)
-        lo0 = c0 * PHILOX_M0  # uint32 arithmetic wraps mod 2^32: the low word of the product
-        hi1 = tl.umulhi(c2, PHILOX_M1)
-        lo1 = c2 * PHILOX_M1
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + PHILOX_W0
-        k1 = k1 + PHILOX_W1
+    """Ten Philox4x32 rounds on uint32 blocks ``c0..c3`` with the key ``(k0, k1)`` (int64 scalars < 2^32).
+
+    Every wrapping sum and product is taken in 64 bits and truncated, so nothing overflows a 32-bit
+    integer (Triton's overflow sanitizer, on under ``TRITON_DEBUG``, would flag a wrapping uint32 op).
+    """
+    for round_index in tl.static_range(PHILOX_ROUNDS):
+        round_k0 = ((k0 + round_index * PHILOX_W0) & 0xFFFFFFFF).to(tl.uint32)
+        round_k1 = ((k1 + round_index * PHILOX_W1) & 0xFFFFFFFF).to(tl.uint32)
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ round_k0, lo1, hi0 ^ c3 ^ round_k1, lo0
     return c0, c1, c2, c3
 
 
@@ -52,12 +61,10 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 def philox_counter_words(seed, counter):
     """The four uint32 output words for int64 ``counter`` (a block) under the int64 scalar ``seed``."""
     seed = seed.to(tl.int64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    zero = c0 * 0
-    return philox4x32_10(c0, c1, zero, zero, k0, k1)
+    zero = c0 ^ c0
+    return philox4x32_10(c0, c1, zero, zero, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
 
 
 @triton.jit

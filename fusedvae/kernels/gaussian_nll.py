@@ -1,0 +1,759 @@
+"""Gaussian NLL kernels: the log-σ form, the SSE behind the optimal σ, and torch's variance form.
+
+Three backend entry points (the interface of :mod:`fusedvae.reference`), each an autograd.Function
+over one Triton forward kernel and one Triton backward kernel shared by the three ops (``OP`` is a
+compile-time switch):
+
+- :func:`gaussian_nll`: ``r^2/2 + s [+ log(2π)/2]``, ``r = (x - m) e^{-s}``, ``s`` broadcast to x;
+- :func:`sum_squared_error`: ``Σ (x - m)^2``, global or per sample (all the optimal σ needs);
+- :func:`gaussian_nll_var`: ``0.5 (log v + (input - target)^2 / v)``, ``v = max(var, eps)``.
+
+How a broadcast is handled, by strides and never by materialising it
+--------------------------------------------------------------------
+The "small" operand (``log_sigma`` or ``var``) is expanded to the full shape (stride 0 on its
+broadcast dimensions). Every dimension is then *kept* (the small operand varies along it) or
+*reduced* (it does not); adjacent dimensions of one kind whose strides agree in every operand are
+merged, so each kind ends with at most three dimensions (a per-channel σ on ``(B, C, H, W)`` is
+kept ``(C,)`` x reduced ``(B, H*W)``; a scalar σ is reduced ``(N,)``; a per-element σ is kept
+``(N,)``). A program owns a block of the innermost kept dimension (plus one index of each outer
+kept dimension) and loops over a chunk of the reduced positions in 2-D tiles ``BLOCK_K x BLOCK_R``.
+So σ (and ``exp(-σ)``) is loaded and computed once per kept index, never per element; index
+division happens per program and per loop iteration, never per element; and the gradient of the
+small operand is a per-program sum over the tile's reduced axis, written to a partial buffer
+``(n_chunks, K)`` that a fixed-order ``sum(0)`` finishes: deterministic, no atomics, and only as
+large as the data itself for a per-element σ (where it *is* the gradient, with one chunk).
+``"sum"`` / ``"per_sample"`` write one partial per program (for ``"per_sample"`` dim 0 is pinned
+as the outermost kept dimension, so a program never straddles two samples), summed in fixed order.
+
+Bytes moved (N elements of b bytes each; σ small unless per element; P = programs, a few per SM)
+------------------------------------------------------------------------------------------------
+gaussian_nll   fwd "sum"/"per_sample": read x, m = 2Nb; write P partials.
+               fwd "none": read 2Nb; write N b_out.
+               bwd: read x, m (2Nb) [+ grad_output N b for "none"]; write dm, dx only when each
+               needs a gradient (N b each); dσ: P_r x K partials (K = σ.numel(); N for per-element σ).
+               Typical VAE step (x data, m and a scalar/per-channel σ learned): 2N + 3N = 5N b.
+sum_squared_error   fwd: read 2Nb. bwd: read 2Nb, write N b per gradient needed.
+gaussian_nll_var    as gaussian_nll with var in σ's place.
+
+Gradient in the forward pass (as fused cross-entropy kernels do) was considered and rejected:
+writing dm during the forward costs N b there, then backward must scale it by grad_output (read N,
+write N) unless grad_output is exactly 1, so a step moves 2N + N + 2N = 5N b, the same as
+recomputing (2N forward, 2N read + N write backward). It saves only when grad_output == 1, and
+here it never is on the default path: ``"batchmean"`` / ``"mean"`` divide the backend's sum
+(grad_output = 1/B), β-weighting scales it, and checking for 1 costs a host synchronisation. It
+would also hold N extra elements from forward to backward, compute gradients the caller may not
+want (forward under no_grad), and with ``"none"`` the elementwise grad_output gives 7N b either
+way. So the backward recomputes ``r`` from x, m and σ in one pass.
+
+Numerics: compute in float32 (float64 for float64 inputs); half inputs are loaded then upcast.
+``exp`` and ``log`` in float32 are computed here (Cody-Waite range reduction and short
+polynomials, ~1 ulp) rather than with Triton's ``tl.exp`` / ``tl.log``, which lower to the
+approximate ``ex2.approx`` / ``lg2.approx`` on NVIDIA GPUs (``exp(-s)`` would lose ~|s| x 1e-7
+relative), and without libdevice (the interpreter has none). Divisions use IEEE ``div_rn``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..precision import compute_dtype, result_dtype
+from ..reference.gaussian_nll import HALF_LOG_2PI
+
+__all__ = ["gaussian_nll", "gaussian_nll_var", "sum_squared_error"]
+
+OP_NLL = 0  # r^2/2 + s, r = (a - b) exp(-s)
+OP_VAR = 1  # 0.5 (log v + (a - b)^2 / v), v = max(var, eps)
+OP_SSE = 2  # (a - b)^2
+
+MODE_NONE = 0  # forward writes every element
+MODE_PARTIAL = 1  # forward writes one partial sum per program
+
+_INT32_LIMIT = 2**31 - 1  # index math switches to 64 bits when an offset may reach this
+_SLOTS = 3  # dimensions of each kind (kept / reduced) a kernel handles after merging
+_TILE = 1024  # elements per 2-D tile (BLOCK_K * BLOCK_R)
+_NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------- #
+# Math helpers (float32 exp / log without libdevice, upcast)                                    #
+# --------------------------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _upcast(x, F64: tl.constexpr):
+    if F64:
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _exp_f32(x):
+    # exp(x) = 2^n exp(f), n = round(x / ln 2), f = x - n ln 2 (two-constant Cody-Waite: n * LN2_HI is
+    # exact), |f| <= ln(2)/2, exp(f) by its degree-7 Taylor polynomial (truncation 5e-9 relative).
+    # 2^n is built from its bits in two halves so that every factor is a normal float. NaN stays NaN.
+    x = tl.where(x > 128.0, 128.0, x)
+    x = tl.where(x < -128.0, -128.0, x)
+    n = tl.floor(x * 1.4426950408889634 + 0.5)
+    f = x - n * 0.693145751953125
+    f = f - n * 1.4286068203094173e-06
+    p = f * 1.984126984126984e-04 + 1.388888888888889e-03
+    p = p * f + 8.333333333333333e-03
+    p = p * f + 4.1666666666666664e-02
+    p = p * f + 0.16666666666666666
+    p = p * f + 0.5
+    p = p * f + 1.0
+    p = p * f + 1.0
+    ni = n.to(tl.int32)
+    n1 = ni >> 1
+    n2 = ni - n1
+    scale1 = ((n1 + 127) << 23).to(tl.float32, bitcast=True)
+    scale2 = ((n2 + 127) << 23).to(tl.float32, bitcast=True)
+    return p * scale1 * scale2
+
+
+@triton.jit
+def _log_f32(v):
+    # v = 2^e m, m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(t), t = (m - 1)/(m + 1), |t| <= 0.172, by its
+    # series to t^9 (truncation 2e-9 relative). m - 1 is exact, so near v = 1 the result keeps full
+    # relative accuracy. Zero, negative, subnormal, infinite and NaN inputs take tl.log's answer.
+    bits = v.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > 1.4142135623730951
+    m = tl.where(big, m * 0.5, m)
+    e = tl.where(big, e + 1, e)
+    t = tl.math.div_rn(m - 1.0, m + 1.0)
+    t2 = t * t
+    q = t2 * 0.1111111111111111 + 0.14285714285714285
+    q = q * t2 + 0.2
+    q = q * t2 + 0.3333333333333333
+    two_t = 2.0 * t
+    log_m = two_t + two_t * (t2 * q)
+    ef = e.to(tl.float32)
+    result = ef * 0.693145751953125 + (ef * 1.4286068203094173e-06 + log_m)
+    normal = (v >= 1.1754943508222875e-38) & (v <= 3.4028234663852886e38)
+    return tl.where(normal, result, tl.log(v))
+
+
+@triton.jit
+def _exp(x, F64: tl.constexpr):
+    if F64:
+        y = tl.exp(x)
+    else:
+        y = _exp_f32(x)
+    return y
+
+
+@triton.jit
+def _log(x, F64: tl.constexpr):
+    if F64:
+        y = tl.log(x)
+    else:
+        y = _log_f32(x)
+    return y
+
+
+@triton.jit
+def _div(x, y, F64: tl.constexpr):
+    if F64:
+        z = x / y
+    else:
+        z = tl.math.div_rn(x, y)
+    return z
+
+
+# --------------------------------------------------------------------------------------------- #
+# Index helpers: a program's kept coordinates, an iteration's reduced coordinates, an offset    #
+# --------------------------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _kept_coords(K1, n_kblk, n_rchunks, INT64: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    pid_r = pid % n_rchunks
+    pid_k = pid // n_rchunks
+    kout = pid_k // n_kblk
+    k2 = (pid_k % n_kblk) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return pid, pid_r, kout // K1, kout % K1, k2
+
+
+@triton.jit
+def _reduced_coords(rb, R1, R2, BLOCK_R: tl.constexpr):
+    n_rblk2 = (R2 + BLOCK_R - 1) // BLOCK_R
+    rout = rb // n_rblk2
+    r2 = (rb % n_rblk2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rout // R1, rout % R1, r2
+
+
+@triton.jit
+def _offset(i0, i1, i2, stride0, stride1, stride2):
+    return i0 * stride0 + i1 * stride1 + i2 * stride2
+
+
+# --------------------------------------------------------------------------------------------- #
+# Kernels                                                                                        #
+# --------------------------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _gaussian_nll_fwd_kernel(
+    a_ptr, b_ptr, s_ptr, out_ptr, partial_ptr,
+    K1, K2, R1, R2, n_kblk, n_rblk, n_rchunks, chunk_iters,
+    a_k0, a_k1, a_k2, a_r0, a_r1, a_r2,
+    b_k0, b_k1, b_k2, b_r0, b_r1, b_r2,
+    s_k0, s_k1, s_k2,
+    o_k0, o_k1, o_k2, o_r0, o_r1, o_r2,
+    OP: tl.constexpr, MODE: tl.constexpr, FULL: tl.constexpr, EPS: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Elementwise loss of ``a`` (x / input), ``b`` (mean / target) and the small operand ``s``.
+
+    MODE_NONE stores every element at ``out``; MODE_PARTIAL stores this program's sum at ``partial[pid]``.
+    """
+    pid, pid_r, k0, k1, k2 = _kept_coords(K1, n_kblk, n_rchunks, INT64, BLOCK_K)
+    kmask = k2 < K2
+    a_k = _offset(k0, k1, k2, a_k0, a_k1, a_k2)
+    b_k = _offset(k0, k1, k2, b_k0, b_k1, b_k2)
+    o_k = _offset(k0, k1, k2, o_k0, o_k1, o_k2)
+    # Per kept index: sigma and exp(-sigma), or the clamped variance and its log. Once, not per element.
+    if OP == 0:
+        s = _upcast(tl.load(s_ptr + _offset(k0, k1, k2, s_k0, s_k1, s_k2), mask=kmask, other=0.0), F64)
+        inv_sigma = _exp(-s, F64)[:, None]
+        shift = s[:, None]
+    elif OP == 1:
+        v = _upcast(tl.load(s_ptr + _offset(k0, k1, k2, s_k0, s_k1, s_k2), mask=kmask, other=1.0), F64)
+        v = tl.where(v < EPS, EPS, v)  # max(var, eps); a NaN variance stays NaN, as with torch.clamp
+        var = v[:, None]
+        log_var = _log(v, F64)[:, None]
+    acc = _upcast(tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32), F64)
+    rb_start = pid_r * chunk_iters
+    rb_end = tl.minimum(rb_start + chunk_iters, n_rblk)
+    for rb in range(rb_start, rb_end):
+        r0, r1, r2 = _reduced_coords(rb, R1, R2, BLOCK_R)
+        mask = kmask[:, None] & (r2 < R2)[None, :]
+        a = tl.load(a_ptr + (a_k[:, None] + _offset(r0, r1, r2, a_r0, a_r1, a_r2)[None, :]), mask=mask, other=0.0)
+        b = tl.load(b_ptr + (b_k[:, None] + _offset(r0, r1, r2, b_r0, b_r1, b_r2)[None, :]), mask=mask, other=0.0)
+        d = _upcast(a, F64) - _upcast(b, F64)
+        if OP == 0:
+            r = d * inv_sigma  # r before squaring: finite for |s| <= 80 unless the true value is not
+            val = 0.5 * r * r + shift
+        elif OP == 1:
+            val = 0.5 * (log_var + _div(d * d, var, F64))
+        else:
+            val = d * d
+        if FULL:
+            val = val + 0.9189385332046727  # log(2 pi) / 2
+        if MODE == 0:
+            o_off = o_k[:, None] + _offset(r0, r1, r2, o_r0, o_r1, o_r2)[None, :]
+            tl.store(out_ptr + o_off, val.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            acc += tl.where(mask, val, 0.0)
+    if MODE == 1:
+        tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _gaussian_nll_bwd_kernel(
+    a_ptr, b_ptr, s_ptr, g_ptr, da_ptr, db_ptr, ds_ptr,
+    K, K1, K2, R1, R2, n_kblk, n_rblk, n_rchunks, chunk_iters,
+    a_k0, a_k1, a_k2, a_r0, a_r1, a_r2,
+    b_k0, b_k1, b_k2, b_r0, b_r1, b_r2,
+    s_k0, s_k1, s_k2,
+    g_k0, g_k1, g_k2, g_r0, g_r1, g_r2,
+    o_k0, o_k1, o_k2, o_r0, o_r1, o_r2,
+    OP: tl.constexpr, EPS: tl.constexpr, G_SCALAR: tl.constexpr,
+    STORE_DA: tl.constexpr, STORE_DB: tl.constexpr, STORE_DS: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Gradients from grad_output ``g``: ``da``, ``db`` elementwise (layout ``o``), ``ds`` as per-chunk partials.
+
+    ``ds_ptr`` is a ``(n_rchunks, K)`` buffer: this program writes row ``pid_r`` at its kept indices.
+    """
+    pid, pid_r, k0, k1, k2 = _kept_coords(K1, n_kblk, n_rchunks, INT64, BLOCK_K)
+    kmask = k2 < K2
+    a_k = _offset(k0, k1, k2, a_k0, a_k1, a_k2)
+    b_k = _offset(k0, k1, k2, b_k0, b_k1, b_k2)
+    g_k = _offset(k0, k1, k2, g_k0, g_k1, g_k2)
+    o_k = _offset(k0, k1, k2, o_k0, o_k1, o_k2)
+    if OP == 0:
+        s = _upcast(tl.load(s_ptr + _offset(k0, k1, k2, s_k0, s_k1, s_k2), mask=kmask, other=0.0), F64)
+        inv_sigma = _exp(-s, F64)[:, None]
+    elif OP == 1:
+        v = _upcast(tl.load(s_ptr + _offset(k0, k1, k2, s_k0, s_k1, s_k2), mask=kmask, other=1.0), F64)
+        v = tl.where(v < EPS, EPS, v)  # the clamp is invisible to autograd: d/dvar is taken at max(var, eps)
+        var = v[:, None]
+        inv_var = _div(1.0, v, F64)[:, None]
+    if G_SCALAR:
+        g_all = _upcast(tl.load(g_ptr), F64)
+    acc = _upcast(tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32), F64)
+    rb_start = pid_r * chunk_iters
+    rb_end = tl.minimum(rb_start + chunk_iters, n_rblk)
+    for rb in range(rb_start, rb_end):
+        r0, r1, r2 = _reduced_coords(rb, R1, R2, BLOCK_R)
+        mask = kmask[:, None] & (r2 < R2)[None, :]
+        a = tl.load(a_ptr + (a_k[:, None] + _offset(r0, r1, r2, a_r0, a_r1, a_r2)[None, :]), mask=mask, other=0.0)
+        b = tl.load(b_ptr + (b_k[:, None] + _offset(r0, r1, r2, b_r0, b_r1, b_r2)[None, :]), mask=mask, other=0.0)
+        d = _upcast(a, F64) - _upcast(b, F64)
+        if G_SCALAR:
+            g = g_all
+        else:
+            g_off = g_k[:, None] + _offset(r0, r1, r2, g_r0, g_r1, g_r2)[None, :]
+            g = _upcast(tl.load(g_ptr + g_off, mask=mask, other=0.0), F64)
+        if OP == 0:
+            r = d * inv_sigma
+            db = -(g * r) * inv_sigma  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
+            ds = g * (1.0 - r * r)
+        elif OP == 1:
+            q = _div(d, var, F64)
+            db = -(g * q)  # d/dtarget = -(input - target) / v
+            ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
+        else:
+            db = -2.0 * (g * d)  # d/dm = 2 (m - x) g
+        if STORE_DA or STORE_DB:
+            o_off = o_k[:, None] + _offset(r0, r1, r2, o_r0, o_r1, o_r2)[None, :]
+            if STORE_DA:
+                tl.store(da_ptr + o_off, (-db).to(da_ptr.dtype.element_ty), mask=mask)
+            if STORE_DB:
+                tl.store(db_ptr + o_off, db.to(db_ptr.dtype.element_ty), mask=mask)
+        if STORE_DS:
+            acc += tl.where(mask, ds, 0.0)
+    if STORE_DS:
+        kidx = (k0 * K1 + k1) * K2 + k2
+        tl.store(ds_ptr + pid_r * K + kidx, tl.sum(acc, axis=1), mask=kmask)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Layout: classify, merge and slot the dimensions; choose the tiles and the grid                #
+# --------------------------------------------------------------------------------------------- #
+
+
+class _Dim(NamedTuple):
+    size: int
+    strides: dict[str, int]
+    pinned: bool  # dim 0 kept on its own for "per_sample" (never merged)
+
+
+class _Layout(NamedTuple):
+    ksize: tuple[int, int, int]  # kept sizes, outer to inner, padded with 1 in front
+    rsize: tuple[int, int, int]  # reduced sizes, likewise
+    kstride: dict[str, tuple[int, int, int]]
+    rstride: dict[str, tuple[int, int, int]]
+
+
+def _merge(dims: list[_Dim], names: list[str]) -> list[_Dim]:
+    """Merge neighbours (in logical order) whose strides agree in every operand: row-major order is kept."""
+    merged: list[_Dim] = []
+    for dim in dims:
+        prev = merged[-1] if merged else None
+        if prev is not None and not prev.pinned and not dim.pinned and all(
+            prev.strides[n] == dim.strides[n] * dim.size for n in names
+        ):
+            merged[-1] = _Dim(prev.size * dim.size, dim.strides, False)
+        else:
+            merged.append(dim)
+    return merged
+
+
+def _make_layout(
+    shape: tuple[int, ...], strides: dict[str, tuple[int, ...]], key: str | None, pin_batch: bool
+) -> _Layout | None:
+    """Kept dims: where ``strides[key]`` is non-zero (plus dim 0 when ``pin_batch``). None if a kind needs > 3 dims."""
+    names = list(strides)
+    kept: list[_Dim] = []
+    reduced: list[_Dim] = []
+    for d, size in enumerate(shape):
+        if size == 1:
+            continue
+        dim = _Dim(size, {n: strides[n][d] for n in names}, pin_batch and d == 0)
+        if dim.pinned or (key is not None and dim.strides[key] != 0):
+            kept.append(dim)
+        else:
+            reduced.append(dim)
+    kept, reduced = _merge(kept, names), _merge(reduced, names)
+    if len(kept) > _SLOTS or len(reduced) > _SLOTS:
+        return None
+    pad = _Dim(1, {n: 0 for n in names}, False)
+    if kept and kept[0].pinned:  # the sample index is the outermost slot, so a program never straddles two
+        kept = kept[:1] + [pad] * (_SLOTS - len(kept)) + kept[1:]
+    else:
+        kept = [pad] * (_SLOTS - len(kept)) + kept
+    reduced = [pad] * (_SLOTS - len(reduced)) + reduced
+    return _Layout(
+        tuple(d.size for d in kept),
+        tuple(d.size for d in reduced),
+        {n: tuple(d.strides[n] for d in kept) for n in names},
+        {n: tuple(d.strides[n] for d in reduced) for n in names},
+    )
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """``t``'s strides when it is non-overlapping and dense (any dim order), else None."""
+    step = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != step:
+            return None
+        step *= size
+    return tuple(t.stride())
+
+
+def _empty(shape, strides, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes (outputs, gradients, partial sums); tests fill it with NaN to catch gaps."""
+    return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device)
+
+
+def _has_internal_broadcast(t: torch.Tensor) -> bool:
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for: 16 per SM on a GPU; 4 in the interpreter, which runs them one after another."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 16 * _SM_COUNT[index]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Grid(NamedTuple):
+    block_k: int
+    block_r: int
+    n_kblk: int
+    n_rblk: int
+    n_rchunks: int
+    chunk_iters: int
+    programs: int
+    int64: bool
+
+
+def _grid(layout: _Layout, device: torch.device, *, lead: str, per_k_partials: bool) -> _Grid:
+    (k0, k1, k2), (r0, r1, r2) = layout.ksize, layout.rsize
+    # The tile's long side follows the operand's most contiguous inner dimension.
+    ks, rs = layout.kstride[lead][2], layout.rstride[lead][2]
+    kept_first = r2 == 1 or (k2 > 1 and ks != 0 and (rs == 0 or ks < rs))
+    if kept_first:
+        block_k = min(_next_pow2(k2), _TILE)
+        block_r = min(_next_pow2(r2), max(_TILE // block_k, 1))
+    else:
+        block_r = min(_next_pow2(r2), _TILE)
+        block_k = min(_next_pow2(k2), max(_TILE // block_r, 1))
+    n_kblk = triton.cdiv(k2, block_k)
+    n_kprog = k0 * k1 * n_kblk
+    n_rblk = r0 * r1 * triton.cdiv(r2, block_r)
+    target = _target_programs(device)
+    n_rchunks = 1 if n_kprog >= target else min(n_rblk, triton.cdiv(target, n_kprog))
+    if per_k_partials and k0 * k1 * k2 > 1:
+        n_rchunks = min(n_rchunks, max(1, n_rblk // 4))  # partial buffer (n_rchunks, K) stays <= N / 4
+    chunk_iters = triton.cdiv(n_rblk, n_rchunks)
+    n_rchunks = triton.cdiv(n_rblk, chunk_iters)
+    programs = n_kprog * n_rchunks
+    # 64-bit index math when any offset a program can form (masked lanes included) may pass 2^31.
+    reach = max(
+        sum((size + pad) * abs(stride) for size, pad, stride in zip(layout.ksize + layout.rsize,
+                                                                   (1, 1, block_k, 1, 1, block_r),
+                                                                   layout.kstride[n] + layout.rstride[n]))
+        for n in layout.kstride
+    )
+    reach = max(reach, (n_rchunks + 1) * k0 * k1 * (k2 + block_k), programs * (chunk_iters + 1) * block_r)
+    return _Grid(block_k, block_r, n_kblk, n_rblk, n_rchunks, chunk_iters, programs, reach >= _INT32_LIMIT)
+
+
+def _stride_args(layout: _Layout, name: str, prefix: str, reduced: bool = True) -> dict[str, int]:
+    args = {f"{prefix}_k{i}": layout.kstride[name][i] for i in range(_SLOTS)}
+    if reduced:
+        args.update({f"{prefix}_r{i}": layout.rstride[name][i] for i in range(_SLOTS)})
+    return args
+
+
+class _Plan(NamedTuple):
+    layout: _Layout
+    full: dict[str, torch.Tensor]  # operands as the kernel reads them (a contiguous copy in the fallback)
+    small: torch.Tensor | None  # the small operand as the kernel reads it
+    out_strides: tuple[int, ...] | None
+    small_materialised: bool
+
+
+def _expanded_strides(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(t.expand(shape).stride())
+
+
+def _plan(
+    shape: tuple[int, ...],
+    full: dict[str, torch.Tensor],
+    small: torch.Tensor | None,
+    *,
+    out_like: torch.Tensor | None,
+    want_out: bool,
+    pin_batch: bool,
+) -> _Plan:
+    """Describe the iteration; fall back to contiguous copies, then to a materialised small operand.
+
+    The fallbacks only trigger when a kind still needs more than three dimensions after merging:
+    strides that merge nothing (rare), or a rank >= 7 tensor whose σ alternates broadcast and
+    non-broadcast dimensions four times (then σ is expanded to the full shape, the one case where
+    the broadcast is materialised).
+    """
+    if small is not None and _has_internal_broadcast(small):
+        small = small.contiguous()  # one value shared by several σ entries: give each entry its own gradient
+    out_strides = None
+    if want_out:
+        dense = _dense_strides(out_like) if out_like is not None and tuple(out_like.shape) == shape else None
+        out_strides = dense or _contiguous_strides(shape)
+    materialised = False
+    for attempt in range(3):
+        strides = {n: _expanded_strides(t, shape) for n, t in full.items()}
+        if small is not None:
+            strides["s"] = _expanded_strides(small, shape)
+        if out_strides is not None:
+            strides["o"] = out_strides
+        layout = _make_layout(shape, strides, "s" if small is not None else None, pin_batch)
+        if layout is not None:
+            return _Plan(layout, full, small, out_strides, materialised)
+        if attempt == 0:
+            full = {n: t.contiguous() for n, t in full.items()}
+            out_strides = _contiguous_strides(shape) if out_strides is not None else None
+        else:
+            small = small.expand(shape).contiguous()
+            materialised = True
+    raise AssertionError("unreachable: a materialised σ merges into at most two kept dimensions")
+
+
+# --------------------------------------------------------------------------------------------- #
+# Launchers                                                                                      #
+# --------------------------------------------------------------------------------------------- #
+
+
+def _zero_reduction(shape: tuple[int, ...], reduction: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if reduction == "per_sample":
+        return torch.zeros(shape[:1], dtype=dtype, device=device)
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _forward(
+    op: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    small: torch.Tensor | None,
+    shape: tuple[int, ...],
+    *,
+    reduction: str,
+    full: bool = False,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """``reduction``: ``"none"`` (result dtype, shape ``shape``), ``"sum"`` (``()``), ``"per_sample"`` (``(B,)``)."""
+    if reduction not in ("none", "sum", "per_sample"):
+        raise ValueError(f"unknown backend reduction {reduction!r}")
+    device = a.device
+    cdtype = compute_dtype(a, b, small)
+    if reduction == "none":
+        out_dtype = result_dtype(a, b, small)
+        if math.prod(shape) == 0:
+            return torch.empty(shape, dtype=out_dtype, device=device)
+    elif math.prod(shape) == 0:
+        return _zero_reduction(shape, reduction, cdtype, device)
+    if reduction == "per_sample" and len(shape) == 0:
+        raise ValueError("reduction 'per_sample' needs a batch dimension")
+    plan = _plan(shape, {"a": a, "b": b}, small, out_like=a, want_out=reduction == "none",
+                 pin_batch=reduction == "per_sample")
+    layout, grid = plan.layout, None
+    grid = _grid(layout, device, lead="a", per_k_partials=False)
+    if reduction == "none":
+        out = _empty(shape, plan.out_strides, out_dtype, device)
+        partial = out  # unused
+        o_args = _stride_args(layout, "o", "o")
+    else:
+        partial = _empty((grid.programs,), (1,), cdtype, device)
+        out = partial  # unused
+        o_args = {f"o_{kind}{i}": 0 for kind in "kr" for i in range(_SLOTS)}
+    s_ptr = plan.small if plan.small is not None else plan.full["a"]
+    s_args = _stride_args(layout, "s", "s", reduced=False) if plan.small is not None else {f"s_k{i}": 0 for i in range(_SLOTS)}
+    _gaussian_nll_fwd_kernel[(grid.programs,)](
+        plan.full["a"], plan.full["b"], s_ptr, out, partial,
+        layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
+        grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
+        **_stride_args(layout, "a", "a"), **_stride_args(layout, "b", "b"), **s_args, **o_args,
+        OP=op, MODE=MODE_NONE if reduction == "none" else MODE_PARTIAL, FULL=bool(full), EPS=float(eps),
+        F64=cdtype == torch.float64, INT64=grid.int64, BLOCK_K=grid.block_k, BLOCK_R=grid.block_r,
+        num_warps=_NUM_WARPS,
+    )
+    if reduction == "none":
+        return out
+    if reduction == "sum":
+        return partial.sum()
+    return partial.view(shape[0], -1).sum(dim=1)  # the sample index is the outermost program coordinate
+
+
+def _backward(
+    op: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    small: torch.Tensor | None,
+    shape: tuple[int, ...],
+    grad: torch.Tensor,
+    *,
+    reduction: str,
+    needs: tuple[bool, bool, bool],
+    eps: float = 0.0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(da, db, dsmall)`` in the dtype and shape of each operand (None where not needed)."""
+    device = a.device
+    cdtype = compute_dtype(a, b, small)
+    need_a, need_b, need_s = needs[0], needs[1], needs[2] and small is not None
+    if reduction == "per_sample":  # grad (B,) against the sample index, broadcast over the rest
+        grad = grad.reshape(grad.shape + (1,) * (len(shape) - 1))
+    if math.prod(shape) == 0:
+        return (
+            torch.zeros_like(a) if need_a else None,
+            torch.zeros_like(b) if need_b else None,
+            torch.zeros_like(small) if need_s else None,
+        )
+    plan = _plan(shape, {"a": a, "b": b, "g": grad}, small, out_like=a, want_out=need_a or need_b, pin_batch=False)
+    layout = plan.layout
+    grid = _grid(layout, device, lead="a", per_k_partials=need_s)
+    # da / db go straight to the caller where the operand has the full shape; a broadcast operand (only
+    # possible for torch's input / target) gets a full-size float buffer summed down afterwards.
+    da = db = None
+    if need_a:
+        direct = tuple(a.shape) == shape
+        da = _empty(shape, plan.out_strides, a.dtype if direct else cdtype, device)
+    if need_b:
+        direct = tuple(b.shape) == shape
+        db = _empty(shape, plan.out_strides, b.dtype if direct else cdtype, device)
+    K = math.prod(layout.ksize)
+    ds_partial = _empty((grid.n_rchunks, K), (K, 1), cdtype, device) if need_s else None
+    dummy = plan.full["a"]
+    g_scalar = all(st == 0 for st in layout.kstride["g"] + layout.rstride["g"])
+    o_args = (
+        _stride_args(layout, "o", "o") if plan.out_strides is not None
+        else {f"o_{kind}{i}": 0 for kind in "kr" for i in range(_SLOTS)}
+    )
+    s_args = _stride_args(layout, "s", "s", reduced=False) if plan.small is not None else {f"s_k{i}": 0 for i in range(_SLOTS)}
+    _gaussian_nll_bwd_kernel[(grid.programs,)](
+        plan.full["a"], plan.full["b"], plan.small if plan.small is not None else dummy, plan.full["g"],
+        da if da is not None else dummy, db if db is not None else dummy,
+        ds_partial if ds_partial is not None else dummy,
+        K, layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
+        grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
+        **_stride_args(layout, "a", "a"), **_stride_args(layout, "b", "b"), **s_args,
+        **_stride_args(layout, "g", "g"), **o_args,
+        OP=op, EPS=float(eps), G_SCALAR=g_scalar, STORE_DA=da is not None, STORE_DB=db is not None,
+        STORE_DS=need_s, F64=cdtype == torch.float64, INT64=grid.int64,
+        BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
+    )
+    if da is not None and tuple(a.shape) != shape:
+        da = da.sum_to_size(a.shape).to(a.dtype)
+    if db is not None and tuple(b.shape) != shape:
+        db = db.sum_to_size(b.shape).to(b.dtype)
+    ds = None
+    if need_s:
+        ds = ds_partial[0] if grid.n_rchunks == 1 else ds_partial.sum(dim=0)  # fixed order: deterministic
+        if plan.small_materialised:
+            ds = ds.view(shape).sum_to_size(small.shape)
+        ds = ds.reshape(small.shape).to(small.dtype)
+    return da, db, ds
+
+
+# --------------------------------------------------------------------------------------------- #
+# autograd.Functions and the backend entry points                                                #
+# --------------------------------------------------------------------------------------------- #
+
+
+class _GaussianNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mean, log_sigma, full, reduction):
+        ctx.save_for_backward(x, mean, log_sigma)
+        ctx.reduction = reduction
+        return _forward(OP_NLL, x, mean, log_sigma, tuple(x.shape), reduction=reduction, full=full)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, log_sigma = ctx.saved_tensors
+        dx, dm, ds = _backward(
+            OP_NLL, x, mean, log_sigma, tuple(x.shape), grad, reduction=ctx.reduction, needs=ctx.needs_input_grad[:3]
+        )
+        return dx, dm, ds, None, None
+
+
+class _SumSquaredError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mean, per_sample):
+        ctx.save_for_backward(x, mean)
+        ctx.reduction = "per_sample" if per_sample else "sum"
+        return _forward(OP_SSE, x, mean, None, tuple(x.shape), reduction=ctx.reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean = ctx.saved_tensors
+        dx, dm, _ = _backward(
+            OP_SSE, x, mean, None, tuple(x.shape), grad, reduction=ctx.reduction,
+            needs=(ctx.needs_input_grad[0], ctx.needs_input_grad[1], False),
+        )
+        return dx, dm, None
+
+
+class _GaussianNLLVar(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, target, var, full, eps, reduction):
+        shape = tuple(torch.broadcast_shapes(input.shape, target.shape, var.shape))
+        ctx.save_for_backward(input, target, var)
+        ctx.shape, ctx.eps, ctx.reduction = shape, eps, reduction
+        return _forward(OP_VAR, input, target, var, shape, reduction=reduction, full=full, eps=eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, var = ctx.saved_tensors
+        di, dt, dv = _backward(
+            OP_VAR, input, target, var, ctx.shape, grad, reduction=ctx.reduction,
+            needs=ctx.needs_input_grad[:3], eps=ctx.eps,
+        )
+        return di, dt, dv, None, None, None
+
+
+def gaussian_nll(
+    x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, *, full: bool, reduction: str
+) -> torch.Tensor:
+    """``r^2/2 + s [+ log(2 pi)/2]``, ``r = (x - mean) exp(-s)``; ``"none"`` (result dtype), ``"sum"``, ``"per_sample"``.
+
+    ``log_sigma`` broadcasts to ``x`` by strides; its gradient is summed over the broadcast positions.
+    """
+    return _GaussianNLL.apply(x, mean, log_sigma, bool(full), reduction)
+
+
+def sum_squared_error(x: torch.Tensor, mean: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+    """``sum((x - mean)^2)``, shape ``()`` or ``(B,)`` (``per_sample``), compute dtype, differentiable in both."""
+    return _SumSquaredError.apply(x, mean, bool(per_sample))
+
+
+def gaussian_nll_var(
+    input: torch.Tensor, target: torch.Tensor, var: torch.Tensor, *, full: bool, eps: float, reduction: str
+) -> torch.Tensor:
+    """torch's ``gaussian_nll_loss`` formula ``0.5 (log v + (input - target)^2 / v)``, ``v = max(var, eps)``.
+
+    The clamp is invisible to autograd: every entry of ``var`` gets ``(1/v - (input - target)^2/v^2)/2``
+    at the clamped ``v``, summed over its broadcast positions.
+    """
+    return _GaussianNLLVar.apply(input, target, var, bool(full), float(eps), reduction)

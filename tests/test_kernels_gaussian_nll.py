@@ -1,0 +1,479 @@
+"""The Gaussian NLL Triton kernels against the float64 reference (Triton's interpreter without a GPU).
+
+Each check runs one public call three times: on the Triton backend and on the eager reference in the
+input dtype, and on the reference in float64 with the same (rounded) inputs. The kernels pass when
+their error against float64 is at most twice the eager reference's plus a small atol, for the value
+and for the gradient of every input, under a random grad_output (elementwise for ``"none"``). Every
+buffer the kernels write (outputs, gradients, partial sums) starts filled with NaN, so an unwritten
+element fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedvae as fv  # noqa: E402
+# the module, not the function that fusedvae.kernels re-exports under the same name
+kgnll = importlib.import_module("fusedvae.kernels.gaussian_nll")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_buffers(monkeypatch):
+    def empty(shape, strides, dtype, device):
+        return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(math.nan)
+
+    monkeypatch.setattr(kgnll, "_empty", empty)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def randn(gen, shape, scale=1.0, shift=0.0):
+    return (torch.randn(shape, generator=gen, dtype=F64) * scale + shift).to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# One call on a backend, and the 2x-eager bound
+# ---------------------------------------------------------------------------------------------
+
+
+def run(backend, fn, inputs, dtype, grad_out, views=None):
+    """``fn(**inputs)`` on ``backend``; tensor inputs cast to ``dtype`` (their own dtype if a dict) as leaves.
+
+    ``views`` maps an input name to a function applied to its leaf before the call (a non-contiguous
+    view with the same values, say). Returns the output and the gradients of the leaves that
+    require grad (in ``inputs`` order), under grad_output ``grad_out(output)``.
+    """
+    views = views or {}
+    leaves, args = [], {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            leaf = value.detach().to(dtype[name] if isinstance(dtype, dict) else dtype)
+            leaf.requires_grad_(value.requires_grad)
+            if value.requires_grad:
+                leaves.append(leaf)
+            value = views.get(name, lambda t: t)(leaf)
+        args[name] = value
+    with fv.use_backend(backend):
+        out = fn(**args)
+    grads = torch.autograd.grad(out, leaves, grad_out(out).to(out.dtype)) if leaves else ()
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def assert_close_to_f64(kernel, eager, exact, what, dtype, atol_eps=8.0):
+    assert kernel.shape == exact.shape, (what, kernel.shape, exact.shape)
+    assert kernel.dtype == eager.dtype, (what, kernel.dtype, eager.dtype)
+    k, e, x = kernel.to(F64), eager.to(F64), exact.to(F64)
+    finite = torch.isfinite(x)
+    assert torch.equal(torch.isfinite(k), finite), f"{what}: non-finite pattern differs"
+    if not finite.any():
+        return
+    k, e, x = k[finite], e[finite], x[finite]
+    err_k = (k - x).abs().max().item() if x.numel() else 0.0
+    err_e = (e - x).abs().max().item() if x.numel() else 0.0
+    scale = x.abs().max().item() if x.numel() else 0.0
+    atol = atol_eps * torch.finfo(dtype).eps * max(scale, 1e-30)
+    assert err_k <= 2.0 * err_e + atol, f"{what}: kernel error {err_k:.3g} > 2 x eager {err_e:.3g} + {atol:.3g}"
+
+
+def check(fn, inputs, dtype, gen, views=None, atol_eps=8.0):
+    """The Triton backend within 2x the eager reference's error (plus atol) of float64, value and grads."""
+    low = {n: (v.detach().to(dtype[n] if isinstance(dtype, dict) else dtype) if isinstance(v, torch.Tensor) else v)
+           for n, v in inputs.items()}
+    exact_inputs = {n: (v.to(F64).requires_grad_(inputs[n].requires_grad) if isinstance(v, torch.Tensor) else v)
+                    for n, v in low.items()}
+    seeds = {}
+
+    def grad_out(out):
+        if "g" not in seeds:  # one random grad_output shared by the three runs: not 1, elementwise for "none"
+            seeds["g"] = (torch.rand(out.shape, generator=gen, dtype=F64) * 1.5 + 0.25).to(DEVICE)
+        return seeds["g"]
+
+    kernel = run("triton", fn, inputs, dtype, grad_out, views)
+    eager = run("reference", fn, inputs, dtype, grad_out)
+    exact = run("reference", fn, exact_inputs, F64, grad_out)
+    names = ["value"] + [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    out_dtype = eager[0].dtype
+    for name, k, e, x in zip(names, kernel, eager, exact):
+        assert_close_to_f64(k, e, x, name, out_dtype if name == "value" else e.dtype, atol_eps)
+    return kernel
+
+
+def nll(x, mean, log_sigma, reduction, full=True):
+    return fv.gaussian_nll(x, mean, log_sigma, reduction=reduction, full=full)
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_nll: every log_sigma broadcast, every reduction
+# ---------------------------------------------------------------------------------------------
+
+SHAPE = (3, 5, 4, 7)  # B, C, H, W: odd sizes
+SIGMA_SHAPES = {
+    "float": None,
+    "0-dim": (),
+    "per-channel (C,1,1)": (5, 1, 1),
+    "per-channel (1,C,1,1)": (1, 5, 1, 1),
+    "per-sample (B,1,1,1)": (3, 1, 1, 1),
+    "per-element": SHAPE,
+    "per-width (W,)": (7,),
+    "alternating (B,1,H,1)": (3, 1, 4, 1),
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("sigma", list(SIGMA_SHAPES))
+def test_gaussian_nll_broadcasts_and_reductions(sigma, reduction, gen):
+    x = randn(gen, SHAPE).requires_grad_()
+    mean = randn(gen, SHAPE).requires_grad_()
+    shape = SIGMA_SHAPES[sigma]
+    log_sigma = 0.3 if shape is None else randn(gen, shape, 0.5).requires_grad_()
+    full = reduction != "sum"
+    check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": reduction, "full": full},
+          torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "batchmean", "per_sample"])
+def test_gaussian_nll_dtypes(dtype, reduction, gen):
+    x = randn(gen, (2, 3, 5, 9)).requires_grad_()
+    mean = randn(gen, (2, 3, 5, 9)).requires_grad_()
+    log_sigma = randn(gen, (3, 1, 1), 0.3).requires_grad_()
+    out = check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": reduction}, dtype, gen)
+    assert [t.dtype for t in out] == [dtype] * 4  # the public op returns the input dtype, as torch does
+
+
+def test_gaussian_nll_mixed_dtypes(gen):
+    """bf16 data with a float32 σ parameter: result dtype float32, each gradient in its input's dtype."""
+    x = randn(gen, (2, 3, 4, 5)).requires_grad_()
+    mean = randn(gen, (2, 3, 4, 5)).requires_grad_()
+    log_sigma = randn(gen, (3, 1, 1), 0.3).requires_grad_()
+    dtypes = {"x": torch.bfloat16, "mean": torch.bfloat16, "log_sigma": torch.float32}
+    out = check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": "none"}, dtypes, gen)
+    assert [t.dtype for t in out] == [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+
+
+def _strided_copy(t):  # same values, transposed memory layout
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _padded(t):  # same values, every row a slice of a wider buffer
+    return torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : t.shape[-1]]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "decoder-chunk"])
+def test_gaussian_nll_non_contiguous(layout, gen):
+    shape = (3, 4, 5, 6)
+    x = randn(gen, shape).requires_grad_()
+    mean = randn(gen, shape).requires_grad_()
+    if layout == "decoder-chunk":  # mean and a per-element log_sigma are the halves of one output
+        log_sigma = randn(gen, shape, 0.5).requires_grad_()
+        views = {"mean": lambda m: torch.cat([m, m], 1)[:, :4], "log_sigma": lambda s: torch.cat([s, s], 1)[:, 4:]}
+    else:
+        log_sigma = randn(gen, (4, 1, 1), 0.5).requires_grad_()
+        view = {"transposed": _strided_copy, "sliced": _padded,
+                "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}[layout]
+        views = {"x": view, "mean": _padded if layout == "transposed" else view}
+    for reduction in ("none", "sum"):
+        check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": reduction}, torch.float32, gen,
+              views=views)
+
+
+def test_gaussian_nll_expanded_grad_output(gen):
+    """``"none"`` then ``.sum()``: the grad_output reaching the kernel is an expanded (stride 0) tensor."""
+    x, mean, s = randn(gen, (4, 6, 5)), randn(gen, (4, 6, 5)), randn(gen, (6, 1), 0.5)
+    grads = []
+    for backend in ("triton", "reference"):
+        m, ls = mean.clone().requires_grad_(), s.clone().requires_grad_()
+        with fv.use_backend(backend):
+            (fv.gaussian_nll(x, m, ls, reduction="none").sum() * 0.75).backward()
+        grads.append((m.grad, ls.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_nll_rank7_fallback(gen):
+    """σ alternating broadcast / non-broadcast four times: the documented materialising fallback, still exact."""
+    shape = (2, 3, 2, 3, 2, 3, 2)
+    x = randn(gen, shape).requires_grad_()
+    mean = randn(gen, shape).requires_grad_()
+    log_sigma = randn(gen, (2, 1, 2, 1, 2, 1, 2), 0.5).requires_grad_()
+    for reduction in ("none", "sum", "per_sample"):
+        check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": reduction}, torch.float32, gen)
+
+
+def test_gaussian_nll_int64_index_path(gen, monkeypatch):
+    """The 64-bit index math (taken for tensors past 2^31 elements) gives the same bits on small ones."""
+    x, mean = randn(gen, (3, 5, 33)), randn(gen, (3, 5, 33))
+    s = randn(gen, (5, 1), 0.5)
+
+    def once():
+        m, ls = mean.clone().requires_grad_(), s.clone().requires_grad_()
+        with fv.use_backend("triton"):
+            out = fv.gaussian_nll(x, m, ls, reduction="per_sample")
+            out.backward(torch.linspace(0.5, 1.5, 3, dtype=F64))
+        return out, m.grad, ls.grad
+
+    narrow = once()
+    monkeypatch.setattr(kgnll, "_INT32_LIMIT", 1)
+    wide = once()
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases: empty tensors, |log_sigma| up to 80, determinism
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4)])
+def test_gaussian_nll_empty(shape):
+    x = torch.randn(shape, device=DEVICE)
+    mean = torch.randn(shape, device=DEVICE, requires_grad=True)
+    log_sigma = torch.zeros(3 if shape[1] == 3 else 1, 1, device=DEVICE).requires_grad_()
+    for reduction in REDUCTIONS:
+        outs = []
+        for backend in ("triton", "reference"):
+            with fv.use_backend(backend):
+                out = fv.gaussian_nll(x, mean, log_sigma, reduction=reduction)
+                outs.append((out, *torch.autograd.grad(out.sum(), (mean, log_sigma))))
+        for a, b in zip(*outs):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_gaussian_nll_empty_var_and_sse():
+    x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+    with fv.use_backend("triton"):
+        assert fv.gaussian_nll_loss(x, x.detach(), torch.ones(0, 5), reduction="sum").item() == 0.0
+        assert fv.gaussian_nll_loss(x, x.detach(), 1.0, reduction="none").shape == (0, 5)
+        out = fv.gaussian_nll_optimal(x, torch.zeros(0, 5), reduction="sum")
+        assert out.shape == ()
+
+
+def test_gaussian_nll_extreme_log_sigma(gen):
+    """|s| up to 80 in float32: r is formed before squaring, so nothing overflows where the truth is finite."""
+    s = torch.tensor([-80.0, -40.0, -1.0, 0.0, 1.0, 40.0, 80.0], dtype=F64).repeat(3).reshape(3, 7).to(DEVICE)
+    u = randn(gen, (3, 7))
+    x = (u * torch.exp(s)).float().double()  # x - mean = sigma * u: r = u is O(1)
+    mean = torch.zeros_like(x)
+    for reduction in ("none", "sum", "per_sample"):
+        out = check(nll, {"x": x.clone().requires_grad_(), "mean": mean.clone().requires_grad_(),
+                          "log_sigma": s.clone().requires_grad_(), "reduction": reduction},
+                    torch.float32, gen)
+        for t in out:
+            assert torch.isfinite(t).all()
+
+
+def test_gaussian_nll_extreme_scalar_log_sigma(gen):
+    for value in (-80.0, 80.0):
+        x = (randn(gen, (4, 9)) * math.exp(value)).float().double()
+        out = check(nll, {"x": x, "mean": torch.zeros_like(x).requires_grad_(),
+                          "log_sigma": torch.tensor(value, dtype=F64, device=DEVICE).requires_grad_(),
+                          "reduction": "batchmean"}, torch.float32, gen)
+        assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_exp_and_log_helpers_match_float64():
+    """The libdevice-free float32 exp / log: within ~1 ulp of float64 over their whole range."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, e_ptr, l_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
+        tl.store(e_ptr + offs, kgnll._exp_f32(x), mask=offs < n)
+        tl.store(l_ptr + offs, kgnll._log_f32(tl.abs(x)), mask=offs < n)
+
+    x = torch.cat([torch.linspace(-104.0, 89.0, 3001), torch.tensor([0.0, 1e-7, -1e-7, 1.0 + 2**-23, 1e-40, 3e38])])
+    x = x.float().to(DEVICE)
+    e, log = torch.empty_like(x), torch.empty_like(x)
+    kernel[(triton.cdiv(x.numel(), 1024),)](x, e, log, x.numel(), BLOCK=1024)
+    e_true, l_true = torch.exp(x.double()), torch.log(x.double().abs())
+    normal = (e_true > 1.2e-38) & (e_true < 3e38)
+    rel = ((e.double() - e_true) / e_true)[normal].abs().max().item()
+    assert rel < 2.5e-7, rel
+    assert torch.isinf(e[x > 88.8]).all() and (e[x < -104] == 0).all()
+    finite = torch.isfinite(l_true) & (l_true != 0)
+    rel = ((log.double() - l_true) / l_true)[finite].abs().max().item()
+    assert rel < 2.5e-7, rel
+
+
+@pytest.mark.parametrize("sigma_shape", [(), (5, 1), (1, 33), (4, 5, 33)])
+def test_gaussian_nll_bitwise_deterministic(sigma_shape, gen):
+    """Several programs, chunks and loop iterations: two runs give the same bits (values and gradients)."""
+    x = randn(gen, (4, 5, 33))  # 660 elements per sample, several r-blocks per program
+    mean, s = randn(gen, (4, 5, 33)), randn(gen, sigma_shape, 0.5)
+    x = torch.cat([x] * 4, dim=-1)  # (4, 5, 132): 2640 elements
+    mean = torch.cat([mean] * 4, dim=-1)
+    s = torch.cat([s] * 4, dim=-1) if s.dim() and s.shape[-1] == 33 else s
+    results = []
+    for _ in range(2):
+        m, ls = mean.clone().requires_grad_(), s.clone().requires_grad_()
+        with fv.use_backend("triton"):
+            total = fv.gaussian_nll(x, m, ls, reduction="batchmean")
+            per = fv.gaussian_nll(x, m, ls, reduction="per_sample")
+            (total * 0.3 + (per * torch.linspace(0.1, 1.0, 4, dtype=F64)).sum()).backward()
+        results.append((total, per, m.grad, ls.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with fv.use_backend("reference"):
+        torch.testing.assert_close(results[0][1], fv.gaussian_nll(x, mean, s, reduction="per_sample"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimal σ: gaussian_nll_optimal and optimal_log_sigma (sum_squared_error)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("min_log_sigma", [None, -6.0, 1.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "none", "per_sample"])
+def test_gaussian_nll_optimal(per_sample, min_log_sigma, reduction, gen):
+    x = randn(gen, (3, 2, 5, 7)).requires_grad_()
+    mean = randn(gen, (3, 2, 5, 7)).requires_grad_()
+    if reduction == "per_sample" and min_log_sigma == -6.0:
+        x = torch.cat([x[:1] * 5, x[1:]]).detach().requires_grad_()  # samples with different SSE
+
+    def fn(x, mean):
+        return fv.gaussian_nll_optimal(x, mean, per_sample=per_sample, min_log_sigma=min_log_sigma,
+                                       reduction=reduction)
+
+    check(fn, {"x": x, "mean": mean}, torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_gaussian_nll_optimal_dtypes(dtype, gen):
+    x = randn(gen, (4, 3, 11)).requires_grad_()
+    mean = randn(gen, (4, 3, 11)).requires_grad_()
+
+    def fn(x, mean):
+        return fv.gaussian_nll_optimal(x, mean, per_sample=True, reduction="sum")
+
+    check(fn, {"x": x, "mean": mean}, dtype, gen)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_optimal_log_sigma(per_sample, gen):
+    x, mean = randn(gen, (5, 3, 7)), randn(gen, (5, 3, 7))
+    for min_log_sigma in (None, -6.0):
+        with fv.use_backend("triton"):
+            got = fv.optimal_log_sigma(x.float(), mean.float(), per_sample=per_sample, min_log_sigma=min_log_sigma)
+        with fv.use_backend("reference"):
+            want = fv.optimal_log_sigma(x, mean, per_sample=per_sample, min_log_sigma=min_log_sigma)
+        assert got.dtype == torch.float32 and got.shape == ((5,) if per_sample else ())
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_sum_squared_error_backend_entry(gen):
+    """The backend function itself: shapes, compute dtype, and gradients in x and mean."""
+    from fusedvae import reference
+
+    x = randn(gen, (3, 4, 5)).float().requires_grad_()
+    mean = randn(gen, (3, 4, 5)).float().requires_grad_()
+    for per_sample in (False, True):
+        got = kgnll.sum_squared_error(x, mean, per_sample=per_sample)
+        want = reference.sum_squared_error(x, mean, per_sample=per_sample)
+        torch.testing.assert_close(got, want)
+        g = torch.rand(want.shape, dtype=torch.float32, device=DEVICE) + 0.5
+        torch.testing.assert_close(torch.autograd.grad(got, (x, mean), g), torch.autograd.grad(want, (x, mean), g))
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_nll_loss: torch.nn.functional.gaussian_nll_loss's drop-in
+# ---------------------------------------------------------------------------------------------
+
+VAR_CASES = {
+    "full": ((6, 5), (6, 5)),
+    "var (B,1)": ((6, 5), (6, 1)),
+    "var (B,) one dim short": ((6, 5), (6,)),
+    "float var": ((6, 5), None),
+    "heteroscedastic one dim short of input": ((2, 3, 4, 5), (2, 1, 4, 5)),
+    "1-D": ((7,), (7,)),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(VAR_CASES))
+def test_gaussian_nll_loss_matches_torch(case, reduction, gen):
+    shape, var_shape = VAR_CASES[case]
+    full = case in ("full", "1-D")
+    input = randn(gen, shape).requires_grad_()
+    target = randn(gen, shape).requires_grad_()
+    if var_shape is None:
+        var = 0.7
+    else:
+        var = (torch.rand(var_shape, generator=gen, dtype=F64).to(DEVICE) + 0.1)
+        if case == "full":  # entries below eps: clamped, the clamp invisible to autograd
+            var[0, :3] = torch.tensor([1e-9, 0.0, 5e-7])
+        var.requires_grad_()
+    inputs = {"input": input, "target": target, "var": var}
+    want_grad = [n for n, v in inputs.items() if isinstance(v, torch.Tensor)]
+
+    def run_torch(dtype):
+        args = {n: (v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v) for n, v in inputs.items()}
+        out = F.gaussian_nll_loss(args["input"], args["target"], args["var"], full=full, reduction=reduction)
+        return out, args
+
+    g = (torch.rand(run_torch(F64)[0].shape, generator=gen, dtype=F64) + 0.5).to(DEVICE)
+    results = {}
+    for name, dtype in (("exact", F64), ("eager", torch.float32)):
+        out, args = run_torch(dtype)
+        results[name] = [out.detach()] + list(torch.autograd.grad(out, [args[n] for n in want_grad], g.to(dtype)))
+    args = {n: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) else v) for n, v in inputs.items()}
+    with fv.use_backend("triton"):
+        out = fv.gaussian_nll_loss(args["input"], args["target"], args["var"], full=full, reduction=reduction)
+    kernel = [out.detach()] + list(torch.autograd.grad(out, [args[n] for n in want_grad], g.float()))
+    for what, k, e, x in zip(["value"] + want_grad, kernel, results["eager"], results["exact"]):
+        assert_close_to_f64(k, e, x, what, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "per_sample"])
+def test_gaussian_nll_loss_fusedvae_reductions(reduction, gen):
+    input = randn(gen, (4, 3, 5)).requires_grad_()
+    target = randn(gen, (4, 3, 5)).requires_grad_()
+    var = (torch.rand((3, 1), generator=gen, dtype=F64).to(DEVICE) + 0.2).requires_grad_()
+
+    def fn(input, target, var):
+        return fv.gaussian_nll_loss(input, target, var, full=True, reduction=reduction)
+
+    check(fn, {"input": input, "target": target, "var": var}, torch.float32, gen)
+
+
+def test_gaussian_nll_loss_broadcast_target(gen):
+    """A target that broadcasts to input: its gradient is summed over the broadcast positions."""
+    input = randn(gen, (4, 6)).requires_grad_()
+    target = randn(gen, (1, 6)).requires_grad_()
+    var = (torch.rand((4, 1), generator=gen, dtype=F64).to(DEVICE) + 0.2).requires_grad_()
+
+    def fn(input, target, var):
+        return fv.gaussian_nll_loss(input, target, var, reduction="sum")
+
+    check(fn, {"input": input, "target": target, "var": var}, torch.float32, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_gaussian_nll_loss_dtypes(dtype, gen):
+    input = randn(gen, (5, 8)).requires_grad_()
+    target = randn(gen, (5, 8)).requires_grad_()
+    var = (torch.rand((5, 8), generator=gen, dtype=F64).to(DEVICE) + 0.2).requires_grad_()
+
+    def fn(input, target, var):
+        return fv.gaussian_nll_loss(input, target, var, reduction="none")
+
+    check(fn, {"input": input, "target": target, "var": var}, dtype, gen)
