@@ -10,7 +10,7 @@ on the same batches:
   samples and KL on fusedvae's ops) and the NLL as ``2 * fv.gaussian_nll(x, x_rec, logvar / 2,
   full=False)``, which is the same function exactly.
 
-    python examples/train_autoencoderkl.py                  # 100 steps: about a minute on 2 CPU cores
+    python examples/train_autoencoderkl.py                  # 200 steps: about a minute on 2 idle CPU cores
     python examples/train_autoencoderkl.py --steps 500 --batch-size 32 --device cuda
 
 On a CPU both runs use fusedvae's PyTorch reference (the kernels need CUDA, or Triton's slow
@@ -67,7 +67,7 @@ def run(step: akl.AutoencoderKLTrainStep, data: torch.Tensor, batches: list[torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="default: 500 on CUDA, 100 on CPU")
+    parser.add_argument("--steps", type=int, default=None, help="default: 500 on CUDA, 200 on CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
     parser.add_argument("--kl-weight", type=float, default=1e-4)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
-    args.steps = args.steps or (500 if on_cuda else 100)
+    args.steps = args.steps or (500 if on_cuda else 200)
     args.batch_size = args.batch_size or (32 if on_cuda else 8)
 
     data_generator = torch.Generator().manual_seed(args.seed)

@@ -31,7 +31,9 @@ def _as_optional_tensor(name: str, value: object, like: torch.Tensor) -> torch.T
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=like.dtype, device=like.device)
+        # A Python number is held at compute precision (not rounded to a half dtype); being
+        # 0-dimensional it does not change the result dtype, as with torch's own scalars.
+        return torch.tensor(float(value), dtype=compute_dtype(like), device=like.device)
     return check.check_tensor(name, value)
 
 

@@ -8,9 +8,14 @@ import torch
 
 
 def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """The dtype torch's type promotion gives the inputs: what every op returns."""
-    dtypes = [t.dtype for t in tensors if t is not None]
-    return functools.reduce(torch.promote_types, dtypes)
+    """The dtype torch's type promotion gives the (floating-point) inputs: what every op returns.
+
+    As in torch, 0-dimensional tensors count only when every input is 0-dimensional, so a float32
+    scalar ``log_sigma`` leaves a bfloat16 ``x`` bfloat16.
+    """
+    present = [t for t in tensors if t is not None]
+    dimensioned = [t for t in present if t.dim() > 0] or present
+    return functools.reduce(torch.promote_types, [t.dtype for t in dimensioned])
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

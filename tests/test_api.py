@@ -685,7 +685,10 @@ def test_low_precision_inputs_return_their_dtype(gen, dtype):
     assert fv.optimal_log_sigma(x, m).dtype == torch.float32  # documented: float32 unless float64 in
     # mixed inputs promote as torch does
     assert fv.kl_normal(mu.float(), lv.double()).dtype == F64
-    assert fv.gaussian_nll(x, m, torch.tensor(0.1, dtype=F64)).dtype == F64
+    # a 0-dim log_sigma does not promote, as in torch's own (x - m) * exp(-s)
+    s64 = torch.tensor(0.1, dtype=F64)
+    assert fv.gaussian_nll(x, m, s64).dtype == ((x - m) * torch.exp(-s64)).dtype == dtype
+    assert fv.gaussian_nll(x, m, s64.reshape(1)).dtype == F64
 
 
 def test_non_contiguous_inputs(gen):

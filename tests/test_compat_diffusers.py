@@ -12,6 +12,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import fusedvae as fv  # noqa: E402
+from fusedvae import backend as fv_backend  # noqa: E402
 from diffusers.models.autoencoders import autoencoder_kl as diffusers_akl  # noqa: E402
 from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
 from fusedvae.compat import autoencoderkl as akl  # noqa: E402
@@ -31,6 +32,18 @@ def _params(shape, seed, *, logvar_scale=1.0, requires_grad=False, dtype=torch.f
     mean = torch.randn(shape, generator=g)
     logvar = logvar_scale * torch.randn(shape, generator=g)
     return torch.cat([mean, logvar], dim=1).to(dtype).requires_grad_(requires_grad)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request):
+    """Run the test on fusedvae's PyTorch reference and on its Triton kernels (interpreted without a GPU)."""
+    if request.param == "triton":
+        if not fv_backend.triton_available():
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available() and not fv_backend.triton_interpreter_enabled():
+            pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    with fv.use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +146,9 @@ def test_patch_restores_modules_diffusers_imported_while_patched():
 
 
 @pytest.mark.parametrize("quantity", ["kl", "kl_other", "nll", "nll_dims", "mode"])
+@pytest.mark.usefixtures("backend")
 def test_patched_autoencoderkl_matches_original_values_and_encoder_gradients(model, quantity):
-    x, x_other = _images(2), _images(3)
+    x, x_other = _images(2, batch=2, size=8), _images(3, batch=2, size=8)
     g = _seeded(4)
     eps = None
     results = {}
@@ -142,7 +156,7 @@ def test_patched_autoencoderkl_matches_original_values_and_encoder_gradients(mod
         model.zero_grad(set_to_none=True)
         with fvd.patch() if cls is Fused else _nullcontext():
             posterior = model.encode(x).latent_dist
-            other = model.encode(x_other).latent_dist
+            other = model.encode(x_other).latent_dist if quantity == "kl_other" else None
         assert type(posterior) is cls
         if eps is None:
             eps = torch.randn(posterior.mean.shape, generator=g)
@@ -172,6 +186,7 @@ class _nullcontext:
         return False
 
 
+@pytest.mark.usefixtures("backend")
 def test_attributes_and_methods_match_original_on_random_parameters():
     params = _params((2, 4, 5, 7), seed=6, logvar_scale=12.0)  # some logvars outside [-30, 20]
     params[:, 4:, 0, 0] = torch.tensor([-45.0, 33.0])[:, None]
@@ -196,6 +211,7 @@ def test_std_and_var_are_not_stored():
     assert torch.equal(q.std, torch.ones_like(q.mean))
 
 
+@pytest.mark.usefixtures("backend")
 def test_kl_against_another_fusedvae_or_diffusers_posterior_and_its_gradients():
     p_params = _params((3, 4, 4, 4), seed=9, requires_grad=True)
     o_params = _params((3, 4, 4, 4), seed=10, requires_grad=True)
@@ -209,6 +225,7 @@ def test_kl_against_another_fusedvae_or_diffusers_posterior_and_its_gradients():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("backend")
 def test_kl_is_accurate_near_collapse_where_diffusers_is_not():
     # a posterior a hair away from the prior: KL = 0.5 (mu^2 + g(lv)), g(d) = exp(d) - 1 - d ~ d^2 / 2
     g = _seeded(12)
@@ -223,6 +240,7 @@ def test_kl_is_accurate_near_collapse_where_diffusers_is_not():
     assert rel(theirs) > 100 * rel(ours)
 
 
+@pytest.mark.usefixtures("backend")
 def test_non_4d_latents_keep_diffusers_reduction_dims():
     params = _params((2, 4, 3, 5, 6), seed=13)  # a video latent (B, C, T, H, W): diffusers sums dims 1-3
     ours, theirs = Fused(params), Original(params)
@@ -234,6 +252,7 @@ def test_non_4d_latents_keep_diffusers_reduction_dims():
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.usefixtures("backend")
 def test_half_precision_parameters():
     params = _params((2, 4, 4, 4), seed=14, dtype=torch.float16)
     ours, theirs = Fused(params), Original(params.float())
@@ -244,6 +263,7 @@ def test_half_precision_parameters():
 # ---------------------------------------------------------------------------------------------- sampling
 
 
+@pytest.mark.usefixtures("backend")
 def test_sample_has_standard_normal_noise():
     params = _params((4, 4, 32, 32), seed=15, logvar_scale=2.0)
     q = Fused(params)
@@ -255,6 +275,7 @@ def test_sample_has_standard_normal_noise():
     assert torch.isfinite(eps).all()
 
 
+@pytest.mark.usefixtures("backend")
 def test_sample_of_patched_autoencoderkl_has_the_posterior_statistics(model):
     with fvd.patch():
         posterior = model.encode(_images(17, batch=8)).latent_dist
@@ -265,6 +286,7 @@ def test_sample_of_patched_autoencoderkl_has_the_posterior_statistics(model):
     assert abs(eps.mean().item()) < 5 / n**0.5 and abs(eps.std().item() - 1) < 5 / (2 * n) ** 0.5
 
 
+@pytest.mark.usefixtures("backend")
 def test_sample_gradient_identities():
     params = _params((3, 4, 5, 5), seed=19, logvar_scale=3.0, requires_grad=True)
     with torch.no_grad():
@@ -282,6 +304,7 @@ def test_sample_gradient_identities():
     assert z[0, 0, 0, 0] != q.mean[0, 0, 0, 0] and torch.isfinite(z).all()
 
 
+@pytest.mark.usefixtures("backend")
 def test_sample_is_reproducible_from_a_seed_or_a_generator():
     q = Fused(_params((2, 4, 6, 6), seed=21))
     torch.manual_seed(22)
@@ -294,6 +317,7 @@ def test_sample_is_reproducible_from_a_seed_or_a_generator():
     assert torch.equal(q.sample(generator=[_seeded(23)]), b)  # a list of one is one generator
 
 
+@pytest.mark.usefixtures("backend")
 def test_sample_with_one_generator_per_batch_element():
     params = _params((3, 4, 6, 6), seed=24)
     q = Fused(params)
@@ -306,6 +330,7 @@ def test_sample_with_one_generator_per_batch_element():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("backend")
 def test_cpu_generator_for_cuda_latents():
     q = Fused(_params((2, 4, 6, 6), seed=25).cuda())
     a = q.sample(generator=_seeded(26))
@@ -331,6 +356,7 @@ def test_deterministic_matches_diffusers():
 # ---------------------------------------------------------------------------------------------- the training step
 
 
+@pytest.mark.usefixtures("backend")
 def test_ldm_nll_fused_equals_the_latent_diffusion_formula_with_gradients():
     g = _seeded(29)
     x = torch.rand(3, 3, 8, 8, generator=g)
@@ -344,6 +370,7 @@ def test_ldm_nll_fused_equals_the_latent_diffusion_formula_with_gradients():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("backend")
 def test_train_step_eager_and_patched(model):
     eager, fused = akl.AutoencoderKLTrainStep.pair(model, kl_weight=1e-3)
     assert any(p is fused.logvar for group in fused.optimizer.param_groups for p in group["params"])
@@ -358,3 +385,11 @@ def test_train_step_eager_and_patched(model):
     for got, expected in zip(out, ref):
         assert torch.isfinite(got).all()
     assert out.logvar.item() == ref.logvar.item() == before
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(fvd, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+    assert not fvd.is_patched()

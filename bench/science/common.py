@@ -334,7 +334,7 @@ def train_loop(
     every: int = 0,
 ) -> None:
     """Adam on ``loss_fn(batch, step)`` for ``steps`` steps; ``callback(step)`` every ``every`` steps."""
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
     scheduler = cosine_lr(optimizer, steps) if cosine else None
     for step in range(steps):
         loss = loss_fn(batches.next(), step)
@@ -427,3 +427,30 @@ def env_summary(device: torch.device) -> str:
         pass
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}, {os.cpu_count()} cores)"
     return f"{where}; torch {torch.__version__}; fusedvae {fv.__version__}; backend {fv.backend_for(torch.zeros(1, device=device))}"
+
+
+def train_mlp_vae(
+    x: torch.Tensor,
+    latent: int,
+    steps: int,
+    *,
+    log_sigma: float = 0.0,
+    learn_sigma: bool = False,
+    bn_gamma: float | None = None,
+    beta: float = 1.0,
+    seed: int = 0,
+    lr: float = 2e-3,
+    batch_size: int = 128,
+    hidden: int = 128,
+) -> tuple[MLPVAE, fv.nn.GaussianLikelihood]:
+    """An MLP VAE on flat data trained with ``fv.vae_loss`` and a fixed or learned shared σ_x."""
+    torch.manual_seed(seed)
+    model = MLPVAE(x.shape[1], latent, hidden, bn_gamma=bn_gamma).to(x.device)
+    likelihood = fv.nn.GaussianLikelihood((), init_log_sigma=log_sigma, learnable=learn_sigma).to(x.device)
+
+    def loss(batch: torch.Tensor, _step: int) -> torch.Tensor:
+        mu, logvar = model.encode(batch)
+        return fv.vae_loss(batch, model.decode, mu, logvar, log_sigma=likelihood.log_sigma, beta=beta).loss
+
+    train_loop(loss, [*model.parameters(), *likelihood.parameters()], Batches(x, batch_size, seed=seed + 1), steps, lr=lr)
+    return model, likelihood

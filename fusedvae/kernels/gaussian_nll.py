@@ -27,13 +27,16 @@ as the outermost kept dimension, so a program never straddles two samples), summ
 
 Bytes moved (N elements of b bytes each; σ small unless per element; P = programs, a few per SM)
 ------------------------------------------------------------------------------------------------
-gaussian_nll   fwd "sum"/"per_sample": read x, m = 2Nb; write P partials.
-               fwd "none": read 2Nb; write N b_out.
-               bwd: read x, m (2Nb) [+ grad_output N b for "none"]; write dm, dx only when each
-               needs a gradient (N b each); dσ: P_r x K partials (K = σ.numel(); N for per-element σ).
-               Typical VAE step (x data, m and a scalar/per-channel σ learned): 2N + 3N = 5N b.
-sum_squared_error   fwd: read 2Nb. bwd: read 2Nb, write N b per gradient needed.
-gaussian_nll_var    as gaussian_nll with var in σ's place.
+gaussian_nll       fwd "sum"/"per_sample": read x, m: 2Nb (+ σ); write P partial sums.
+                   fwd "none": read 2Nb (+ σ); write N b_out.
+                   bwd: read x, m: 2Nb (+ σ; + grad_output N b for "none", one value otherwise);
+                   write dm and dx only where each is needed (N b each); dσ as (chunks x σ.numel())
+                   partial sums: a few values per σ entry, or N, once, for a per-element σ.
+                   Typical VAE step (x data; m and a scalar / per-channel σ learned):
+                   2N b forward + 3N b backward = 5N b; with dx too, 6N b.
+sum_squared_error  fwd: read 2Nb; write P partials. bwd: read 2Nb, write N b per gradient needed.
+gaussian_nll_var   as gaussian_nll with var in σ's place (a target that broadcasts to input gets its
+                   gradient through a full-size float buffer summed down: + 2N, only in that case).
 
 Gradient in the forward pass (as fused cross-entropy kernels do) was considered and rejected:
 writing dm during the forward costs N b there, then backward must scale it by grad_output (read N,
@@ -47,9 +50,12 @@ way. So the backward recomputes ``r`` from x, m and σ in one pass.
 
 Numerics: compute in float32 (float64 for float64 inputs); half inputs are loaded then upcast.
 ``exp`` and ``log`` in float32 are computed here (Cody-Waite range reduction and short
-polynomials, ~1 ulp) rather than with Triton's ``tl.exp`` / ``tl.log``, which lower to the
-approximate ``ex2.approx`` / ``lg2.approx`` on NVIDIA GPUs (``exp(-s)`` would lose ~|s| x 1e-7
-relative), and without libdevice (the interpreter has none). Divisions use IEEE ``div_rn``.
+polynomials: <= 1 ulp, measured) rather than with ``tl.exp`` / ``tl.log``: on NVIDIA GPUs Triton
+lowers float32 ``tl.exp`` to ``ex2.approx`` of ``x * log2(e)``, whose rounded product costs
+~|s| x 6e-8 relative (3e-6 at |s| = 50), and these run identically in the interpreter, so the CPU
+tests check the GPU's arithmetic. No libdevice (the interpreter has none). Divisions use IEEE
+``div_rn``. ``dnll/dm`` is formed as ``-r e^{-s}``, never through ``e^{-2s}`` (which overflows for
+s < -44 in float32).
 """
 
 from __future__ import annotations
@@ -96,20 +102,19 @@ def _upcast(x, F64: tl.constexpr):
 @triton.jit
 def _exp_f32(x):
     # exp(x) = 2^n exp(f), n = round(x / ln 2), f = x - n ln 2 (two-constant Cody-Waite: n * LN2_HI is
-    # exact), |f| <= ln(2)/2, exp(f) by its degree-7 Taylor polynomial (truncation 5e-9 relative).
+    # exact), |f| <= ln(2)/2, exp(f) = 1 + (f + f^2 q(f)), q the degree-5 rest of the Taylor series (truncation 5e-9 relative).
     # 2^n is built from its bits in two halves so that every factor is a normal float. NaN stays NaN.
     x = tl.where(x > 128.0, 128.0, x)
     x = tl.where(x < -128.0, -128.0, x)
     n = tl.floor(x * 1.4426950408889634 + 0.5)
     f = x - n * 0.693145751953125
     f = f - n * 1.4286068203094173e-06
-    p = f * 1.984126984126984e-04 + 1.388888888888889e-03
-    p = p * f + 8.333333333333333e-03
-    p = p * f + 4.1666666666666664e-02
-    p = p * f + 0.16666666666666666
-    p = p * f + 0.5
-    p = p * f + 1.0
-    p = p * f + 1.0
+    q = f * 1.984126984126984e-04 + 1.388888888888889e-03
+    q = q * f + 8.333333333333333e-03
+    q = q * f + 4.1666666666666664e-02
+    q = q * f + 0.16666666666666666
+    q = q * f + 0.5
+    p = 1.0 + (f + (f * f) * q)  # the correction rounds inside the final add: ~0.6 ulp in all
     ni = n.to(tl.int32)
     n1 = ni >> 1
     n2 = ni - n1
@@ -120,24 +125,26 @@ def _exp_f32(x):
 
 @triton.jit
 def _log_f32(v):
-    # v = 2^e m, m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(t), t = (m - 1)/(m + 1), |t| <= 0.172, by its
-    # series to t^9 (truncation 2e-9 relative). m - 1 is exact, so near v = 1 the result keeps full
-    # relative accuracy. Zero, negative, subnormal, infinite and NaN inputs take tl.log's answer.
+    # v = 2^e (1 + f), 1 + f in [sqrt(1/2), sqrt(2)), f exact. As in fdlibm: log(1 + f) = f - (h - s (h + R)),
+    # h = f^2/2, s = f/(2 + f), R = s^2 (2/3 + 2/5 s^2 + 2/7 s^4 + 2/9 s^6) (truncation 1e-9 relative);
+    # the exact f carries the result, the rounded terms are corrections. Zero, negative, subnormal,
+    # infinite and NaN inputs take tl.log's answer.
     bits = v.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
     m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
     big = m > 1.4142135623730951
     m = tl.where(big, m * 0.5, m)
     e = tl.where(big, e + 1, e)
-    t = tl.math.div_rn(m - 1.0, m + 1.0)
-    t2 = t * t
-    q = t2 * 0.1111111111111111 + 0.14285714285714285
-    q = q * t2 + 0.2
-    q = q * t2 + 0.3333333333333333
-    two_t = 2.0 * t
-    log_m = two_t + two_t * (t2 * q)
+    f = m - 1.0
+    s = tl.math.div_rn(f, 2.0 + f)
+    z = s * s
+    R = z * 0.2222222222222222 + 0.2857142857142857
+    R = R * z + 0.4
+    R = R * z + 0.6666666666666666
+    R = R * z
+    h = 0.5 * f * f
     ef = e.to(tl.float32)
-    result = ef * 0.693145751953125 + (ef * 1.4286068203094173e-06 + log_m)
+    result = ef * 0.693145751953125 - ((h - (s * (h + R) + ef * 1.4286068203094173e-06)) - f)
     normal = (v >= 1.1754943508222875e-38) & (v <= 3.4028234663852886e38)
     return tl.where(normal, result, tl.log(v))
 
@@ -318,17 +325,16 @@ def _gaussian_nll_bwd_kernel(
             ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
         else:
             db = -2.0 * (g * d)  # d/dm = 2 (m - x) g
-        if STORE_DA or STORE_DB:
-            o_off = o_k[:, None] + _offset(r0, r1, r2, o_r0, o_r1, o_r2)[None, :]
-            if STORE_DA:
-                tl.store(da_ptr + o_off, (-db).to(da_ptr.dtype.element_ty), mask=mask)
-            if STORE_DB:
-                tl.store(db_ptr + o_off, db.to(db_ptr.dtype.element_ty), mask=mask)
+        o_off = o_k[:, None] + _offset(r0, r1, r2, o_r0, o_r1, o_r2)[None, :]  # dead code unless stored
+        if STORE_DA:
+            tl.store(da_ptr + o_off, (-db).to(da_ptr.dtype.element_ty), mask=mask)
+        if STORE_DB:
+            tl.store(db_ptr + o_off, db.to(db_ptr.dtype.element_ty), mask=mask)
         if STORE_DS:
             acc += tl.where(mask, ds, 0.0)
     if STORE_DS:
         kidx = (k0 * K1 + k1) * K2 + k2
-        tl.store(ds_ptr + pid_r * K + kidx, tl.sum(acc, axis=1), mask=kmask)
+        tl.store(ds_ptr + pid_r * K + kidx, tl.sum(acc, axis=1).to(ds_ptr.dtype.element_ty), mask=kmask)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -482,10 +488,13 @@ def _grid(layout: _Layout, device: torch.device, *, lead: str, per_k_partials: b
     return _Grid(block_k, block_r, n_kblk, n_rblk, n_rchunks, chunk_iters, programs, reach >= _INT32_LIMIT)
 
 
-def _stride_args(layout: _Layout, name: str, prefix: str, reduced: bool = True) -> dict[str, int]:
-    args = {f"{prefix}_k{i}": layout.kstride[name][i] for i in range(_SLOTS)}
+def _stride_args(layout: _Layout, name: str | None, prefix: str, reduced: bool = True) -> dict[str, int]:
+    """The kernel's ``{prefix}_k0..2`` (and ``_r0..2``) stride arguments; zeros for an absent operand."""
+    kstride = layout.kstride[name] if name is not None else (0,) * _SLOTS
+    rstride = layout.rstride[name] if name is not None else (0,) * _SLOTS
+    args = {f"{prefix}_k{i}": kstride[i] for i in range(_SLOTS)}
     if reduced:
-        args.update({f"{prefix}_r{i}": layout.rstride[name][i] for i in range(_SLOTS)})
+        args.update({f"{prefix}_r{i}": rstride[i] for i in range(_SLOTS)})
     return args
 
 
@@ -579,18 +588,17 @@ def _forward(
         raise ValueError("reduction 'per_sample' needs a batch dimension")
     plan = _plan(shape, {"a": a, "b": b}, small, out_like=a, want_out=reduction == "none",
                  pin_batch=reduction == "per_sample")
-    layout, grid = plan.layout, None
+    layout = plan.layout
     grid = _grid(layout, device, lead="a", per_k_partials=False)
     if reduction == "none":
         out = _empty(shape, plan.out_strides, out_dtype, device)
         partial = out  # unused
-        o_args = _stride_args(layout, "o", "o")
     else:
         partial = _empty((grid.programs,), (1,), cdtype, device)
         out = partial  # unused
-        o_args = {f"o_{kind}{i}": 0 for kind in "kr" for i in range(_SLOTS)}
-    s_ptr = plan.small if plan.small is not None else plan.full["a"]
-    s_args = _stride_args(layout, "s", "s", reduced=False) if plan.small is not None else {f"s_k{i}": 0 for i in range(_SLOTS)}
+    s_ptr = plan.small if plan.small is not None else plan.full["a"]  # unused for the SSE
+    o_args = _stride_args(layout, "o" if reduction == "none" else None, "o")
+    s_args = _stride_args(layout, "s" if plan.small is not None else None, "s", reduced=False)
     _gaussian_nll_fwd_kernel[(grid.programs,)](
         plan.full["a"], plan.full["b"], s_ptr, out, partial,
         layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
@@ -644,14 +652,16 @@ def _backward(
         direct = tuple(b.shape) == shape
         db = _empty(shape, plan.out_strides, b.dtype if direct else cdtype, device)
     K = math.prod(layout.ksize)
-    ds_partial = _empty((grid.n_rchunks, K), (K, 1), cdtype, device) if need_s else None
+    # One chunk: the buffer is the gradient itself, so it takes σ's dtype (the kernel rounds once, at the
+    # store). Several: float partial sums, added in a fixed order below.
+    ds_partial = None
+    if need_s:
+        ds_dtype = small.dtype if grid.n_rchunks == 1 and not plan.small_materialised else cdtype
+        ds_partial = _empty((grid.n_rchunks, K), (K, 1), ds_dtype, device)
     dummy = plan.full["a"]
     g_scalar = all(st == 0 for st in layout.kstride["g"] + layout.rstride["g"])
-    o_args = (
-        _stride_args(layout, "o", "o") if plan.out_strides is not None
-        else {f"o_{kind}{i}": 0 for kind in "kr" for i in range(_SLOTS)}
-    )
-    s_args = _stride_args(layout, "s", "s", reduced=False) if plan.small is not None else {f"s_k{i}": 0 for i in range(_SLOTS)}
+    o_args = _stride_args(layout, "o" if plan.out_strides is not None else None, "o")
+    s_args = _stride_args(layout, "s" if plan.small is not None else None, "s", reduced=False)
     _gaussian_nll_bwd_kernel[(grid.programs,)](
         plan.full["a"], plan.full["b"], plan.small if plan.small is not None else dummy, plan.full["g"],
         da if da is not None else dummy, db if db is not None else dummy,

@@ -19,23 +19,27 @@ dims), so transposed inputs and broadcast priors (stride 0) are neither copied n
 a layout needing more than three column dims after merging falls back to contiguous copies.
 Outputs (z, the elementwise KL, gradients) are written contiguous.
 
-Bytes moved, with ``E = mu.numel()``, ``K = n_samples``, ``s`` the input element size, a broadcast
-prior counted as ~0:
+Bytes moved, with ``E = mu.numel()``, ``K = n_samples``, ``s`` the element size, a broadcast prior
+counted as ~0 (it stays in cache), float32 and the standard prior unless said:
 
-- forward: read mu, lv (``2Es``), the priors when full size (``2Es``), write z (``KEs``) and the
-  elementwise KL (``Es``) or partial sums (``E / BLOCK_B`` or fewer). The floor for a fused op.
-- backward: read mu, lv, the priors, dz (``KEs``) and the KL's incoming gradient (full size only for
-  ``"none"``; a stride-0 view otherwise), write dmu, dlv and the priors' gradients. The noise is
-  regenerated (Philox is ~100 integer ops per element, free next to the memory traffic), never stored.
+- forward: read mu, lv (``2Es``), write z (``KEs``): ``(2 + K) Es``; full-size priors add ``2Es``;
+  the KL adds ``Es`` for ``"none"``, otherwise only its partial sums (``E / (row_steps * BLOCK_B)``
+  elements at most). KL-only: ``2Es``. Every input read once, every output written once: the floor.
+- backward: read lv, dz (``KEs``), mu (only when the KL gets a gradient), write dmu, dlv:
+  ``(4 + K) Es`` (sample only: ``(3 + K) Es``); full-size priors add ``4Es`` (read, and their
+  gradients written); ``"none"`` adds ``Es`` for the KL's incoming gradient (for the reductions it is
+  a stride-0 view, ~0 bytes). The noise is regenerated (Philox is ~100 integer ops per element, free
+  next to the memory traffic), never stored: eager PyTorch writes eps and reads it back (``2KEs`` more).
 
-Prior gradients are reduced to the prior's shape without float atomics (deterministic):
-a full-size prior gets its gradient written elementwise; a prior broadcast along rows (``(D,)``,
-``(1, D)``), along columns (``(B, 1)``) or everywhere (a scalar) gets per-program partial sums, the
-same ``"per_dim"``/``"per_sample"``/``"sum"`` partial buffers the KL uses (``~E / (row_steps *
-BLOCK_B)`` elements: a few percent of E at most), summed by torch in a fixed order. Any other
-broadcast (``(C, 1, 1)`` over ``(B, C, H, W)``, say) writes a full-size gradient that torch sums to
-the prior's shape: it costs an extra ``2E`` elements written and read, accepted for such rare priors
-to keep one kernel.
+Prior gradients are reduced to the prior's shape without float atomics (deterministic). A full-size
+prior gets its gradient written elementwise. A prior broadcast along rows (``(D,)``, ``(1, D)``),
+along columns (``(B, 1)``) or everywhere (a scalar) gets per-program partial sums in the same
+``"per_dim"``/``"per_sample"``/``"sum"`` partial buffers the KL uses: at most ``E / (row_steps *
+BLOCK_B)`` elements, a few percent of E. Writing a full-size gradient and summing it in torch instead
+would cost ``2 x 2Es`` (written, then read) per prior: for K = 1 that is 80% on top of the ``5Es``
+backward floor, so the partials win. Any other broadcast (``(C, 1, 1)`` over ``(B, C, H, W)``, say)
+does write a full-size gradient (in the compute dtype) that torch sums to the prior's shape: rare
+priors, one kernel.
 
 Determinism: partial sums land in fixed slots, and their final sum is a torch reduction over a fixed
 buffer; two runs are bitwise equal. Index math is int64 wherever it can exceed 2^31.
