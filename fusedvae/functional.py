@@ -8,13 +8,13 @@ runs the backend that :func:`fusedvae.backend_for` names on its first tensor. Ba
 
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from . import validation as check
 from .backend import backend_for
 from .precision import compute_dtype, result_dtype
@@ -23,8 +23,11 @@ from .reference.reductions import finish as _finish
 from .seeding import draw_seed_offset
 
 def _implementation(tensor: torch.Tensor) -> ModuleType:
-    name = "fusedvae.kernels" if backend_for(tensor) == "triton" else "fusedvae.reference"
-    return importlib.import_module(name)
+    if backend_for(tensor) == "triton":
+        from . import kernels  # imported on first use: importing fusedvae never imports triton
+
+        return kernels
+    return reference
 
 
 def _as_optional_tensor(name: str, value: object, like: torch.Tensor) -> torch.Tensor | None:

@@ -254,7 +254,9 @@ class Batches:
 class MLPVAE(nn.Module):
     """Encoder ``x -> (mu, logvar)`` and decoder ``z -> mean`` for flat data ``(B, D)``."""
 
-    def __init__(self, dim: int, latent: int, hidden: int = 128, *, bn_gamma: float | None = None) -> None:
+    def __init__(
+        self, dim: int, latent: int, hidden: int = 128, *, bn_gamma: float | None = None, bn_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.latent = latent
         self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
@@ -263,7 +265,11 @@ class MLPVAE(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
         )
-        self.bn = fv.nn.BatchNormMean(latent, bn_gamma) if bn_gamma else None
+        self.bn = fv.nn.BatchNormMean(latent, bn_gamma, eps=bn_eps) if bn_gamma else None
+
+    def pre_bn_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean before BN-VAE's batch normalisation."""
+        return self.to_mu(self.encoder(x.reshape(x.shape[0], -1)))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x.reshape(x.shape[0], -1))
@@ -315,6 +321,10 @@ class ConvVAE(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+#: Learning-rate multiplier for a learned decoder log σ (see :func:`train_loop`).
+SIGMA_LR_FACTOR = 10.0
+
+
 def cosine_lr(optimizer: torch.optim.Optimizer, steps: int, floor: float = 0.02) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from the optimizer's lr to ``floor`` times it over ``steps``."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -332,9 +342,20 @@ def train_loop(
     cosine: bool = True,
     callback: Callable[[int], None] | None = None,
     every: int = 0,
+    sigma_params: list[torch.nn.Parameter] | None = None,
+    sigma_lr_factor: float = SIGMA_LR_FACTOR,
 ) -> None:
-    """Adam on ``loss_fn(batch, step)`` for ``steps`` steps; ``callback(step)`` every ``every`` steps."""
-    optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
+    """Adam on ``loss_fn(batch, step)`` for ``steps`` steps; ``callback(step)`` every ``every`` steps.
+
+    ``sigma_params`` (a learned decoder log σ) get ``sigma_lr_factor`` times the learning rate: Adam moves
+    a parameter by about lr per step, so at lr 2e-3 a log σ would need ~1000 steps just to travel from
+    0 to its optimum near -2, and a slow σ is itself a cause of collapse (study 4); the faster rate lets
+    σ track its optimum, as the σ-VAE paper's learned-σ baseline does.
+    """
+    groups = [{"params": [p for p in params if not any(p is q for q in (sigma_params or []))]}]
+    if sigma_params:
+        groups.append({"params": list(sigma_params), "lr": lr * sigma_lr_factor})
+    optimizer = torch.optim.Adam(groups, lr=lr, foreach=True)
     scheduler = cosine_lr(optimizer, steps) if cosine else None
     for step in range(steps):
         loss = loss_fn(batches.next(), step)
@@ -437,6 +458,7 @@ def train_mlp_vae(
     log_sigma: float = 0.0,
     learn_sigma: bool = False,
     bn_gamma: float | None = None,
+    bn_eps: float = 1e-5,
     beta: float = 1.0,
     seed: int = 0,
     lr: float = 2e-3,
@@ -445,12 +467,13 @@ def train_mlp_vae(
 ) -> tuple[MLPVAE, fv.nn.GaussianLikelihood]:
     """An MLP VAE on flat data trained with ``fv.vae_loss`` and a fixed or learned shared σ_x."""
     torch.manual_seed(seed)
-    model = MLPVAE(x.shape[1], latent, hidden, bn_gamma=bn_gamma).to(x.device)
+    model = MLPVAE(x.shape[1], latent, hidden, bn_gamma=bn_gamma, bn_eps=bn_eps).to(x.device)
     likelihood = fv.nn.GaussianLikelihood((), init_log_sigma=log_sigma, learnable=learn_sigma).to(x.device)
 
     def loss(batch: torch.Tensor, _step: int) -> torch.Tensor:
         mu, logvar = model.encode(batch)
         return fv.vae_loss(batch, model.decode, mu, logvar, log_sigma=likelihood.log_sigma, beta=beta).loss
 
-    train_loop(loss, [*model.parameters(), *likelihood.parameters()], Batches(x, batch_size, seed=seed + 1), steps, lr=lr)
+    train_loop(loss, [*model.parameters(), *likelihood.parameters()], Batches(x, batch_size, seed=seed + 1), steps, lr=lr,
+               sigma_params=list(likelihood.parameters()))
     return model, likelihood

@@ -80,11 +80,11 @@ def run(ctx: Context) -> StudyResult:
 
         def record(step: int, model=model, log_sigma=log_sigma, estimator=estimator) -> None:
             elbo, _ = _iwae(model, log_sigma.detach(), x_test, 1, 2)
-            curves.append({"estimator": estimator, "step": step, "test_elbo": elbo, "log_sigma": float(log_sigma)})
+            curves.append({"estimator": estimator, "step": step, "test_elbo": elbo, "log_sigma": float(log_sigma.detach())})
 
         record(0)
         train_loop(lambda b, _: _loss(model, log_sigma, b, estimator), [*model.parameters(), log_sigma],
-                   Batches(x, 128, seed=7), steps, lr=2e-3, callback=record, every=every)
+                   Batches(x, 128, seed=7), steps, lr=2e-3, callback=record, every=every, sigma_params=[log_sigma])
         for k in KS:
             value, stderr = _iwae(model, log_sigma.detach(), x_test, k, repeats)
             bounds.append({"trained_with": estimator, "K": k, "iwae_bound": value, "stderr": stderr})
