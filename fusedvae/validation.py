@@ -91,5 +91,7 @@ def check_generator(generator: object, device: torch.device) -> None:
         return
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
+    # The generator only supplies the (seed, offset) pair, so a CPU generator serves tensors on any
+    # device (and costs no synchronisation); a CUDA generator must be on the tensors' device type.
+    if generator.device.type not in ("cpu", device.type):
         raise ValueError(f"generator is on {generator.device} but the tensors are on {device}")

@@ -25,7 +25,7 @@ def run(ctx: Context) -> StudyResult:
     start = time.perf_counter()
     data = load_image_data(ctx, seed=0)
     x, x_test = data.flat("train").to(ctx.device), data.flat("test").to(ctx.device)
-    steps = ctx.steps(1200, 5)
+    steps = ctx.steps(2000, 5)
     runs = [("fixed", s) for s in FIXED_SIGMA2] + [("learned", s) for s in LEARNED_INIT]
     rows, curves = [], {}
     for mode, sigma2 in runs:

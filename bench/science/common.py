@@ -349,8 +349,8 @@ def train_loop(
 
     ``sigma_params`` (a learned decoder log σ) get ``sigma_lr_factor`` times the learning rate: Adam moves
     a parameter by about lr per step, so at lr 2e-3 a log σ would need ~1000 steps just to travel from
-    0 to its optimum near -2, and a slow σ is itself a cause of collapse (study 4); the faster rate lets
-    σ track its optimum, as the σ-VAE paper's learned-σ baseline does.
+    0 to its optimum near -2, and while σ lags above its optimum the KL is over-weighted (study 4's
+    subject); the faster rate lets σ track its optimum.
     """
     groups = [{"params": [p for p in params if not any(p is q for q in (sigma_params or []))]}]
     if sigma_params:

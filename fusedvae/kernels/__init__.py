@@ -1,4 +1,4 @@
-"""Triton kernels behind the public API: one file per fused op, each with its launchers and autograd.Function.
+"""Triton kernels behind the public API: one file per fused op, each with its launchers and custom ops.
 
 Implements the backend interface documented in :mod:`fusedvae.reference`. Runs compiled on CUDA
 tensors, and on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``).

@@ -1,8 +1,8 @@
 """Gaussian NLL kernels: the log-σ form, the SSE behind the optimal σ, and torch's variance form.
 
-Three backend entry points (the interface of :mod:`fusedvae.reference`), each an autograd.Function
-over one Triton forward kernel and one Triton backward kernel shared by the three ops (``OP`` is a
-compile-time switch):
+Three backend entry points (the interface of :mod:`fusedvae.reference`), each a custom op with
+autograd (``torch.library``, see the last section) over one Triton forward kernel and one Triton
+backward kernel shared by the three ops (``OP`` is a compile-time switch):
 
 - :func:`gaussian_nll`: ``r^2/2 + s [+ log(2π)/2]``, ``r = (x - m) e^{-s}``, ``s`` broadcast to x;
 - :func:`sum_squared_error`: ``Σ (x - m)^2``, global or per sample (all the optimal σ needs);
@@ -69,6 +69,7 @@ import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
 from ..reference.gaussian_nll import HALF_LOG_2PI
+from . import _custom_op
 
 __all__ = ["gaussian_nll", "gaussian_nll_var", "sum_squared_error"]
 
@@ -688,59 +689,241 @@ def _backward(
 
 
 # --------------------------------------------------------------------------------------------- #
-# autograd.Functions and the backend entry points                                                #
+# Custom ops with autograd, and the backend entry points                                        #
 # --------------------------------------------------------------------------------------------- #
+#
+# Each op's forward and backward launchers are ``torch.library`` custom ops tied together by
+# ``register_autograd``, as in :mod:`.sample_kl` (where the choice is explained): one opaque node
+# for ``torch.compile``. The fake implementations mirror the launchers' outputs exactly (shape,
+# dtype and strides: inductor asserts the strides of a custom op's outputs). A ``"none"`` output and
+# the gradients of full-size operands follow ``_plan``'s ``out_strides`` (the layout of ``x`` /
+# ``input`` when it is dense), so the fakes run the same ``_plan``; every other output is contiguous.
 
 
-class _GaussianNLL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mean, log_sigma, full, reduction):
-        ctx.save_for_backward(x, mean, log_sigma)
-        ctx.reduction = reduction
-        return _forward(OP_NLL, x, mean, log_sigma, tuple(x.shape), reduction=reduction, full=full)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, mean, log_sigma = ctx.saved_tensors
-        dx, dm, ds = _backward(
-            OP_NLL, x, mean, log_sigma, tuple(x.shape), grad, reduction=ctx.reduction, needs=ctx.needs_input_grad[:3]
-        )
-        return dx, dm, ds, None, None
+def _var_shape(input: torch.Tensor, target: torch.Tensor, var: torch.Tensor) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(input.shape, target.shape, var.shape))
 
 
-class _SumSquaredError(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mean, per_sample):
-        ctx.save_for_backward(x, mean)
-        ctx.reduction = "per_sample" if per_sample else "sum"
-        return _forward(OP_SSE, x, mean, None, tuple(x.shape), reduction=ctx.reduction)
+def _fake_forward(a, b, small, shape, reduction):
+    """The launcher's output (:func:`_forward`) without launching: shape, dtype and strides only."""
+    if reduction not in ("none", "sum", "per_sample"):
+        raise ValueError(f"unknown backend reduction {reduction!r}")
+    if reduction == "sum":
+        return a.new_empty((), dtype=compute_dtype(a, b, small))
+    if reduction == "per_sample":
+        if len(shape) == 0:
+            raise ValueError("reduction 'per_sample' needs a batch dimension")
+        return a.new_empty(shape[:1], dtype=compute_dtype(a, b, small))
+    out_dtype = result_dtype(a, b, small)
+    if math.prod(shape) == 0:
+        return a.new_empty(shape, dtype=out_dtype)
+    plan = _plan(shape, {"a": a, "b": b}, small, out_like=a, want_out=True, pin_batch=False)
+    return a.new_empty_strided(shape, plan.out_strides, dtype=out_dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, mean = ctx.saved_tensors
-        dx, dm, _ = _backward(
-            OP_SSE, x, mean, None, tuple(x.shape), grad, reduction=ctx.reduction,
-            needs=(ctx.needs_input_grad[0], ctx.needs_input_grad[1], False),
-        )
-        return dx, dm, None
+
+def _backward_outputs(a, b, small, shape, grads):
+    """Gradients of ``_backward`` as op outputs: placeholders for None, contiguous where the fake says so."""
+    outputs = []
+    for i, (operand, g) in enumerate(zip((a, b, small), grads)):
+        if g is None:
+            outputs.append(_custom_op.absent(a))
+        elif i == 2 or tuple(operand.shape) != shape or math.prod(shape) == 0:
+            outputs.append(_custom_op.dense(g))
+        else:
+            outputs.append(g)  # allocated with _plan's out_strides
+    return tuple(outputs)
 
 
-class _GaussianNLLVar(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, target, var, full, eps, reduction):
-        shape = tuple(torch.broadcast_shapes(input.shape, target.shape, var.shape))
-        ctx.save_for_backward(input, target, var)
-        ctx.shape, ctx.eps, ctx.reduction = shape, eps, reduction
-        return _forward(OP_VAR, input, target, var, shape, reduction=reduction, full=full, eps=eps)
+def _fake_backward(a, b, small, shape, grad, reduction, needs):
+    """The outputs of :func:`_backward_outputs` without launching."""
+    need_a, need_b, need_s = needs[0], needs[1], needs[2] and small is not None
+    out_strides = None
+    if (need_a or need_b) and math.prod(shape) != 0:
+        if reduction == "per_sample":
+            grad = grad.reshape(grad.shape + (1,) * (len(shape) - 1))
+        plan = _plan(shape, {"a": a, "b": b, "g": grad}, small, out_like=a, want_out=True, pin_batch=False)
+        out_strides = plan.out_strides
+    outputs = []
+    for i, (operand, needed) in enumerate(((a, need_a), (b, need_b), (small, need_s))):
+        if not needed:
+            outputs.append(_custom_op.absent(a))
+        elif i == 2 or tuple(operand.shape) != shape or out_strides is None:
+            outputs.append(operand.new_empty(operand.shape))
+        else:
+            outputs.append(operand.new_empty_strided(shape, out_strides))
+    return tuple(outputs)
 
-    @staticmethod
-    def backward(ctx, grad):
-        input, target, var = ctx.saved_tensors
-        di, dt, dv = _backward(
-            OP_VAR, input, target, var, ctx.shape, grad, reduction=ctx.reduction,
-            needs=ctx.needs_input_grad[:3], eps=ctx.eps,
-        )
-        return di, dt, dv, None, None, None
+
+def _needs(ctx, count: int) -> tuple[bool, ...]:
+    return tuple(bool(n) for n in ctx.needs_input_grad[:count])
+
+
+# gaussian_nll ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_forward"),
+    mutates_args=(),
+    schema="(Tensor x, Tensor mean, Tensor log_sigma, bool full, str reduction) -> Tensor",
+)
+def _gaussian_nll_forward_op(x, mean, log_sigma, full, reduction):
+    return _forward(OP_NLL, x, mean, log_sigma, tuple(x.shape), reduction=reduction, full=full)
+
+
+@_gaussian_nll_forward_op.register_fake
+def _(x, mean, log_sigma, full, reduction):
+    return _fake_forward(x, mean, log_sigma, tuple(x.shape), reduction)
+
+
+@torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_backward"),
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor mean, Tensor log_sigma, str reduction, bool need_x, bool need_mean, "
+    "bool need_log_sigma) -> (Tensor, Tensor, Tensor)",
+)
+def _gaussian_nll_backward_op(grad, x, mean, log_sigma, reduction, need_x, need_mean, need_log_sigma):
+    shape = tuple(x.shape)
+    grads = _backward(OP_NLL, x, mean, log_sigma, shape, grad, reduction=reduction,
+                      needs=(need_x, need_mean, need_log_sigma))
+    return _backward_outputs(x, mean, log_sigma, shape, grads)
+
+
+@_gaussian_nll_backward_op.register_fake
+def _(grad, x, mean, log_sigma, reduction, need_x, need_mean, need_log_sigma):
+    return _fake_backward(x, mean, log_sigma, tuple(x.shape), grad, reduction, (need_x, need_mean, need_log_sigma))
+
+
+def _gaussian_nll_setup_context(ctx, inputs, output):
+    x, mean, log_sigma, _full, reduction = inputs
+    ctx.save_for_backward(x, mean, log_sigma)
+    ctx.reduction = reduction
+
+
+def _gaussian_nll_backward(ctx, grad):
+    x, mean, log_sigma = ctx.saved_tensors
+    needs = _needs(ctx, 3)
+    if not any(needs):
+        return None, None, None, None, None
+    dx, dm, ds = torch.ops.fusedvae.gaussian_nll_backward(grad, x, mean, log_sigma, ctx.reduction, *needs)
+    return dx if needs[0] else None, dm if needs[1] else None, ds if needs[2] else None, None, None
+
+
+_gaussian_nll_forward_op.register_autograd(_gaussian_nll_backward, setup_context=_gaussian_nll_setup_context)
+
+
+# sum_squared_error -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    _custom_op.op_name("sum_squared_error_forward"),
+    mutates_args=(),
+    schema="(Tensor x, Tensor mean, bool per_sample) -> Tensor",
+)
+def _sum_squared_error_forward_op(x, mean, per_sample):
+    return _forward(OP_SSE, x, mean, None, tuple(x.shape), reduction="per_sample" if per_sample else "sum")
+
+
+@_sum_squared_error_forward_op.register_fake
+def _(x, mean, per_sample):
+    return _fake_forward(x, mean, None, tuple(x.shape), "per_sample" if per_sample else "sum")
+
+
+@torch.library.custom_op(
+    _custom_op.op_name("sum_squared_error_backward"),
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor mean, bool per_sample, bool need_x, bool need_mean) -> (Tensor, Tensor)",
+)
+def _sum_squared_error_backward_op(grad, x, mean, per_sample, need_x, need_mean):
+    shape = tuple(x.shape)
+    grads = _backward(OP_SSE, x, mean, None, shape, grad, reduction="per_sample" if per_sample else "sum",
+                      needs=(need_x, need_mean, False))
+    return _backward_outputs(x, mean, None, shape, grads)[:2]
+
+
+@_sum_squared_error_backward_op.register_fake
+def _(grad, x, mean, per_sample, need_x, need_mean):
+    reduction = "per_sample" if per_sample else "sum"
+    return _fake_backward(x, mean, None, tuple(x.shape), grad, reduction, (need_x, need_mean, False))[:2]
+
+
+def _sum_squared_error_setup_context(ctx, inputs, output):
+    x, mean, per_sample = inputs
+    ctx.save_for_backward(x, mean)
+    ctx.per_sample = per_sample
+
+
+def _sum_squared_error_backward(ctx, grad):
+    x, mean = ctx.saved_tensors
+    needs = _needs(ctx, 2)
+    if not any(needs):
+        return None, None, None
+    dx, dm = torch.ops.fusedvae.sum_squared_error_backward(grad, x, mean, ctx.per_sample, *needs)
+    return dx if needs[0] else None, dm if needs[1] else None, None
+
+
+_sum_squared_error_forward_op.register_autograd(
+    _sum_squared_error_backward, setup_context=_sum_squared_error_setup_context
+)
+
+
+# gaussian_nll_var --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_var_forward"),
+    mutates_args=(),
+    schema="(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction) -> Tensor",
+)
+def _gaussian_nll_var_forward_op(input, target, var, full, eps, reduction):
+    shape = _var_shape(input, target, var)
+    return _forward(OP_VAR, input, target, var, shape, reduction=reduction, full=full, eps=eps)
+
+
+@_gaussian_nll_var_forward_op.register_fake
+def _(input, target, var, full, eps, reduction):
+    return _fake_forward(input, target, var, _var_shape(input, target, var), reduction)
+
+
+@torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_var_backward"),
+    mutates_args=(),
+    schema="(Tensor grad, Tensor input, Tensor target, Tensor var, float eps, str reduction, bool need_input, "
+    "bool need_target, bool need_var) -> (Tensor, Tensor, Tensor)",
+)
+def _gaussian_nll_var_backward_op(grad, input, target, var, eps, reduction, need_input, need_target, need_var):
+    shape = _var_shape(input, target, var)
+    grads = _backward(OP_VAR, input, target, var, shape, grad, reduction=reduction,
+                      needs=(need_input, need_target, need_var), eps=eps)
+    return _backward_outputs(input, target, var, shape, grads)
+
+
+@_gaussian_nll_var_backward_op.register_fake
+def _(grad, input, target, var, eps, reduction, need_input, need_target, need_var):
+    shape = _var_shape(input, target, var)
+    return _fake_backward(input, target, var, shape, grad, reduction, (need_input, need_target, need_var))
+
+
+def _gaussian_nll_var_setup_context(ctx, inputs, output):
+    input, target, var, _full, eps, reduction = inputs
+    ctx.save_for_backward(input, target, var)
+    ctx.eps, ctx.reduction = eps, reduction
+
+
+def _gaussian_nll_var_backward(ctx, grad):
+    input, target, var = ctx.saved_tensors
+    needs = _needs(ctx, 3)
+    if not any(needs):
+        return (None,) * 6
+    di, dt, dv = torch.ops.fusedvae.gaussian_nll_var_backward(grad, input, target, var, ctx.eps, ctx.reduction, *needs)
+    return di if needs[0] else None, dt if needs[1] else None, dv if needs[2] else None, None, None, None
+
+
+_gaussian_nll_var_forward_op.register_autograd(
+    _gaussian_nll_var_backward, setup_context=_gaussian_nll_var_setup_context
+)
+
+
+# backend entry points ----------------------------------------------------------------------------
 
 
 def gaussian_nll(
@@ -749,13 +932,14 @@ def gaussian_nll(
     """``r^2/2 + s [+ log(2 pi)/2]``, ``r = (x - mean) exp(-s)``; ``"none"`` (result dtype), ``"sum"``, ``"per_sample"``.
 
     ``log_sigma`` broadcasts to ``x`` by strides; its gradient is summed over the broadcast positions.
+    Runs the ``fusedvae::gaussian_nll_forward`` custom op (``..._backward`` in backward).
     """
-    return _GaussianNLL.apply(x, mean, log_sigma, bool(full), reduction)
+    return torch.ops.fusedvae.gaussian_nll_forward(x, mean, log_sigma, bool(full), reduction)
 
 
 def sum_squared_error(x: torch.Tensor, mean: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
     """``sum((x - mean)^2)``, shape ``()`` or ``(B,)`` (``per_sample``), compute dtype, differentiable in both."""
-    return _SumSquaredError.apply(x, mean, bool(per_sample))
+    return torch.ops.fusedvae.sum_squared_error_forward(x, mean, bool(per_sample))
 
 
 def gaussian_nll_var(
@@ -766,4 +950,4 @@ def gaussian_nll_var(
     The clamp is invisible to autograd: every entry of ``var`` gets ``(1/v - (input - target)^2/v^2)/2``
     at the clamped ``v``, summed over its broadcast positions.
     """
-    return _GaussianNLLVar.apply(input, target, var, bool(full), float(eps), reduction)
+    return torch.ops.fusedvae.gaussian_nll_var_forward(input, target, var, bool(full), float(eps), reduction)

@@ -1,4 +1,4 @@
-"""Fused reparameterized sampling + Gaussian KL: Triton kernels, launchers and the autograd.Function.
+"""Fused reparameterized sampling + Gaussian KL: Triton kernels, launchers, and their custom ops with autograd.
 
 Implements the backend entry point :func:`rsample_kl` with the semantics of
 :func:`fusedvae.reference.sampling.rsample_kl`:
@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
+from . import _custom_op
 from .philox import philox_normal_block
 
 # What a kernel does with a per-element quantity (the KL, a prior's gradient): nothing, store it
@@ -609,36 +610,127 @@ def sample_kl_backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd
+# custom ops and autograd
 # ---------------------------------------------------------------------------------------------
+#
+# Design: the forward and backward launchers are ``torch.library`` custom ops, and
+# ``register_autograd`` (setup_context + a backward that calls the backward op) replaces the former
+# autograd.Function. The alternative, an autograd.Function around custom-op launchers, also needs
+# the two ops, and on top makes Dynamo speculate the Function's forward and backward (ctx
+# attributes holding unbacked SymInt seeds, needs_input_grad, set_materialize_grads), whose support
+# varies between torch 2.4 and today; with register_autograd the whole thing is one opaque node for
+# Dynamo, and AOTAutograd puts the backward op in the backward graph. The context still saves only
+# the inputs and the integers (n_samples, seed, offset): nothing of z's size.
+
+_FORWARD_OP = _custom_op.op_name("sample_kl_forward")
+_BACKWARD_OP = _custom_op.op_name("sample_kl_backward")
 
 
-class SampleKLFunction(torch.autograd.Function):
-    """Differentiable fused sample + KL. The context keeps the inputs and ``(seed, offset)``: nothing of z's size."""
+@torch.library.custom_op(
+    _FORWARD_OP,
+    mutates_args=(),
+    schema="(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, SymInt n_samples, SymInt seed, "
+    "SymInt offset, bool sample, bool kl, str reduction) -> (Tensor, Tensor)",
+)
+def _sample_kl_forward_op(mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction):
+    z, kl_out = sample_kl_forward(
+        mu, logvar, prior_mu, prior_logvar,
+        n_samples=n_samples, seed=seed, offset=offset, sample=sample, kl=kl, reduction=reduction,
+    )
+    return (
+        _custom_op.absent(mu) if z is None else z,
+        _custom_op.absent(mu) if kl_out is None else kl_out,
+    )
 
-    @staticmethod
-    def forward(ctx, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction):
-        if not kl:
-            prior_mu = prior_logvar = None
-        z, kl_out = sample_kl_forward(
-            mu, logvar, prior_mu, prior_logvar,
-            n_samples=n_samples, seed=seed, offset=offset, sample=sample, kl=kl, reduction=reduction,
-        )
-        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-        ctx.config = (n_samples, seed, offset, reduction)
-        ctx.set_materialize_grads(False)
-        return z, kl_out
 
-    @staticmethod
-    def backward(ctx, grad_z, grad_kl):
-        mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-        n_samples, seed, offset, reduction = ctx.config
-        grads = sample_kl_backward(
-            grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar,
-            n_samples=n_samples, seed=seed, offset=offset, reduction=reduction,
-            needs=tuple(ctx.needs_input_grad[:4]),
-        )
-        return (*grads, None, None, None, None, None, None)
+@_sample_kl_forward_op.register_fake
+def _(mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction):
+    if not kl:
+        prior_mu = prior_logvar = None
+    shape = mu.shape
+    z = mu.new_empty((n_samples, *shape), dtype=result_dtype(mu, logvar)) if sample else _custom_op.absent(mu)
+    if not kl:
+        return z, _custom_op.absent(mu)
+    if reduction == "none":
+        return z, mu.new_empty(shape, dtype=result_dtype(mu, logvar, prior_mu, prior_logvar))
+    reduced_shape = {"sum": (), "per_sample": shape[:1], "per_dim": shape[1:]}[reduction]
+    return z, mu.new_empty(reduced_shape, dtype=compute_dtype(mu, logvar, prior_mu, prior_logvar))
+
+
+def _returned_grads(grad_kl, prior_mu, prior_logvar, needs):
+    """Which of (dmu, dlogvar, dprior_mu, dprior_logvar) :func:`sample_kl_backward` returns (the others are None)."""
+    need_mu, need_lv, need_pmu, need_plv = needs
+    with_kl = grad_kl is not None
+    return (
+        need_mu, need_lv, need_pmu and with_kl and prior_mu is not None, need_plv and with_kl and prior_logvar is not None
+    )
+
+
+@torch.library.custom_op(
+    _BACKWARD_OP,
+    mutates_args=(),
+    schema="(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
+    "SymInt n_samples, SymInt seed, SymInt offset, str reduction, bool need_mu, bool need_logvar, "
+    "bool need_prior_mu, bool need_prior_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _sample_kl_backward_op(
+    grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, reduction,
+    need_mu, need_logvar, need_prior_mu, need_prior_logvar,
+):
+    grads = sample_kl_backward(
+        grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar,
+        n_samples=n_samples, seed=seed, offset=offset, reduction=reduction,
+        needs=(need_mu, need_logvar, need_prior_mu, need_prior_logvar),
+    )
+    return tuple(
+        _custom_op.dense(g) if g is not None else _custom_op.absent(t if t is not None else mu)
+        for g, t in zip(grads, (mu, logvar, prior_mu, prior_logvar))
+    )
+
+
+@_sample_kl_backward_op.register_fake
+def _(
+    grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, reduction,
+    need_mu, need_logvar, need_prior_mu, need_prior_logvar,
+):
+    returned = _returned_grads(grad_kl, prior_mu, prior_logvar, (need_mu, need_logvar, need_prior_mu, need_prior_logvar))
+    return tuple(
+        t.new_empty(t.shape) if r else _custom_op.absent(t if t is not None else mu)
+        for r, t in zip(returned, (mu, logvar, prior_mu, prior_logvar))
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction = inputs
+    if not kl:
+        prior_mu = prior_logvar = None
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+    ctx.config = (n_samples, seed, offset, sample, kl, reduction)
+    z, kl_out = output
+    if not sample:
+        ctx.mark_non_differentiable(z)
+    if not kl:
+        ctx.mark_non_differentiable(kl_out)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_z, grad_kl):
+    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+    n_samples, seed, offset, sample, kl, reduction = ctx.config
+    grad_z = grad_z if sample else None
+    grad_kl = grad_kl if kl else None
+    needs = tuple(ctx.needs_input_grad[:4])
+    none = (None,) * 6  # n_samples, seed, offset, sample, kl, reduction
+    if (grad_z is None and grad_kl is None) or not any(needs):
+        return (None,) * 4 + none
+    grads = torch.ops.fusedvae.sample_kl_backward(
+        grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, reduction, *needs
+    )
+    returned = _returned_grads(grad_kl, prior_mu, prior_logvar, needs)
+    return (*(g if r else None for g, r in zip(grads, returned)), *none)
+
+
+_sample_kl_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rsample_kl(
@@ -661,9 +753,19 @@ def rsample_kl(
     dtype of all four inputs for ``"none"``, or ``"sum"`` (0-dim), ``"per_sample"`` (``(B,)``),
     ``"per_dim"`` (``mu.shape[1:]``) in the compute dtype (float32, or float64 for float64 inputs).
     Differentiable in all four tensors; the backward pass regenerates the noise.
+
+    Runs the ``fusedvae::sample_kl_forward`` custom op (``fusedvae::sample_kl_backward`` in
+    backward), so ``torch.compile(fullgraph=True)`` sees one opaque node. ``seed`` and ``offset``
+    may be Python ints or, under Dynamo, the SymInts of ``draw_seed_offset``: they are passed
+    through untouched (``int()`` on an unbacked SymInt would fail to trace).
     """
     if not sample and not kl:
         return None, None
-    return SampleKLFunction.apply(
-        mu, logvar, prior_mu, prior_logvar, int(n_samples), int(seed), int(offset), bool(sample), bool(kl), reduction
+    if reduction not in _REDUCTION_MODE:
+        raise ValueError(f"reduction must be one of {tuple(_REDUCTION_MODE)}, got {reduction!r}")
+    if not kl:
+        prior_mu = prior_logvar = None
+    z, kl_out = torch.ops.fusedvae.sample_kl_forward(
+        mu, logvar, prior_mu, prior_logvar, int(n_samples), seed, offset, bool(sample), bool(kl), reduction
     )
+    return (z if sample else None), (kl_out if kl else None)

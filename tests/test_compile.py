@@ -1,0 +1,173 @@
+"""``torch.compile(fullgraph=True)`` of a model calling every fused op: one graph, no break, eager's numbers.
+
+On the Triton backend every launcher is a ``torch.library`` custom op (``fusedvae::*``), so Dynamo
+sees opaque nodes with fake implementations, on CPU tensors under Triton's interpreter as much as on
+a GPU. Each compiled run is compared with the same function run eagerly under the same
+``torch.manual_seed``:
+
+- ``backend="eager"`` and ``"aot_eager"`` run the very same kernels and ATen ops on the very same
+  inputs, and the noise's (seed, offset) comes from the same ``torch.randint`` draw on the same
+  generator, so values and gradients are compared bitwise (AOTAutograd only re-traces the
+  autograd graph: each gradient is still the same sequence of ops);
+- ``"inductor"`` (CUDA only: on CPU it needs a C++ build, too slow here) fuses the ATen ops around
+  the kernels into its own kernels, which reorders float sums: a tight tolerance there. It also
+  replaces ``torch.randint`` with its own generator unless ``fallback_random`` is set, which is
+  set here so the compiled noise is eager's.
+
+Inductor is skipped on CPU; everything else runs on both backends (``"triton"`` and
+``"reference"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedvae as fv  # noqa: E402
+import fusedvae.kernels  # noqa: E402,F401  registers the fusedvae:: custom ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B, LATENT, C, H, W = 3, 5, 2, 3, 4
+FUSED_OPS = ("sample_kl", "gaussian_nll", "sum_squared_error", "gaussian_nll_var")  # fusedvae::{op}_forward / _backward
+
+COMPILERS = ["eager", "aot_eager"] + (["inductor"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def vae_loss(mu, logvar, prior_mu, prior_logvar, decoder, log_sigma, x, var):
+    """A small VAE step calling every fused op; returns the loss and the tensors worth comparing."""
+    z = fv.rsample(mu, logvar)  # (B, L)
+    kl = fv.kl_normal(mu, logvar, prior_mu, prior_logvar)  # a learned prior: (L,) mean, (B, 1) log-variance
+    zs, kl2 = fv.rsample_kl(mu, logvar, n_samples=2)  # (2, B, L)
+    mean = (z @ decoder).reshape(x.shape)
+    mean2 = (zs @ decoder).mean(0).reshape(x.shape)
+    nll = fv.gaussian_nll(x, mean, log_sigma)  # per-channel σ, (C, 1, 1)
+    nll_opt = fv.gaussian_nll_optimal(x, mean2, per_sample=True)
+    # check_var=False: torch's negative-variance check reads the tensor on the host (data-dependent).
+    nll_var = fv.gaussian_nll_loss(mean, x, var, check_var=False)
+    loss = nll + nll_opt + nll_var + kl + kl2
+    return loss, (z, zs, kl, kl2, nll, nll_opt, nll_var)
+
+
+def make_inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, grad=True):
+        t = (torch.randn(shape, generator=gen) * scale).to(DEVICE)
+        return t.requires_grad_(grad)
+
+    mu, logvar = randn(B, LATENT), randn(B, LATENT, scale=0.5)
+    prior_mu, prior_logvar = randn(LATENT, scale=0.3), randn(B, 1, scale=0.3)
+    decoder = randn(LATENT, C * H * W, scale=0.4)
+    log_sigma = randn(C, 1, 1, scale=0.2)
+    x = randn(B, C, H, W, grad=False)
+    var = (torch.rand((C, 1, 1), generator=gen) + 0.5).to(DEVICE).requires_grad_()
+    return [mu, logvar, prior_mu, prior_logvar, decoder, log_sigma, x, var]
+
+
+def run(fn, inputs, seed):
+    """``fn`` under ``torch.manual_seed(seed)``: its outputs and the loss's gradient for every leaf."""
+    torch.manual_seed(seed)
+    loss, parts = fn(*inputs)
+    leaves = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(loss * 0.7, leaves)  # a grad_output that is not 1
+    return [loss.detach(), *(p.detach() for p in parts)], list(grads)
+
+
+def assert_same(got, want, exact, what):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (what, i, g.shape, w.shape)
+        assert torch.isfinite(g).all(), (what, i)
+        if exact:
+            assert torch.equal(g, w), (what, i, (g - w).abs().max().item())
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {i}: {m}")
+
+
+@pytest.mark.parametrize("compiler", COMPILERS)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fullgraph_compile_matches_eager(backend, compiler):
+    inputs = make_inputs()
+    exact = compiler != "inductor"
+    with fv.use_backend(backend), torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(vae_loss, fullgraph=True, backend=compiler)
+        for seed in (11, 12):  # a second seed: the noise key is an input of the graph, not a constant in it
+            want_values, want_grads = run(vae_loss, inputs, seed)
+            got_values, got_grads = run(compiled, inputs, seed)
+            assert_same(got_values, want_values, exact, f"{backend}/{compiler} values, seed {seed}")
+            assert_same(got_grads, want_grads, exact, f"{backend}/{compiler} gradients, seed {seed}")
+        # Without reseeding, the compiled function draws fresh noise each call, as eager does.
+        torch.manual_seed(13)
+        z_first = compiled(*inputs)[1][0]
+        z_second = compiled(*inputs)[1][0]
+        assert not torch.equal(z_first, z_second)
+
+
+def fused_op_counts(gm, suffix):
+    """How often each ``fusedvae::*`` op (or its backward, ``suffix="backward"``) is called in ``gm``."""
+    targets = [str(node.target).removesuffix(".default") for node in gm.graph.nodes if node.op == "call_function"]
+    return {name: targets.count(f"fusedvae.{name}_{suffix}") for name in FUSED_OPS}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_one_graph_and_the_fused_ops_are_nodes_in_it(backend):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    dynamo_graphs, forward_graphs, backward_graphs = [], [], []
+
+    def counting_backend(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        return gm.forward
+
+    def keep(graphs):
+        def compiler(gm, example_inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    inputs = make_inputs()
+    with fv.use_backend(backend):
+        compiled = torch.compile(vae_loss, fullgraph=True, backend=counting_backend)
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            compiled(*inputs)
+        torch._dynamo.reset()
+        aot = aot_autograd(fw_compiler=keep(forward_graphs), bw_compiler=keep(backward_graphs))
+        loss, _ = torch.compile(vae_loss, fullgraph=True, backend=aot)(*inputs)
+        loss.backward()
+    assert len(dynamo_graphs) == 1  # one graph, compiled once, reused for the second seed
+    assert len(forward_graphs) == len(backward_graphs) == 1
+    counts = [fused_op_counts(g, s) for g, s in ((dynamo_graphs[0], "forward"), (forward_graphs[0], "forward"),
+                                                 (backward_graphs[0], "backward"))]
+    if backend == "triton":
+        # rsample, kl_normal, rsample_kl; gaussian_nll; the optimal σ's SSE; gaussian_nll_loss: each one
+        # opaque node in the Dynamo graph and in AOTAutograd's forward graph, its backward op in the backward graph
+        want = {"sample_kl": 3, "gaussian_nll": 1, "sum_squared_error": 1, "gaussian_nll_var": 1}
+        assert counts == [want, want, want], counts
+    else:
+        assert counts == [dict.fromkeys(FUSED_OPS, 0)] * 3, counts
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dynamo_explain_reports_no_graph_break(backend):
+    # Without fullgraph=True, Dynamo captures the .tolist() of the noise key only when
+    # capture_scalar_outputs is on (fullgraph=True turns it on by itself); otherwise it would break
+    # there, on either backend.
+    inputs = make_inputs()
+    with fv.use_backend(backend), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        explanation = torch._dynamo.explain(vae_loss)(*inputs)
+    assert explanation.graph_count == 1, explanation
+    assert explanation.graph_break_count == 0, explanation.break_reasons
