@@ -15,7 +15,15 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from bench.science import STUDIES, run_science  # noqa: E402
-from bench.science.common import Context  # noqa: E402
+from bench.science.common import Context, torch_threads  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As run_science does on a CPU: these tiny models are fastest on one thread, and several busy-waiting
+    threads on a shared CPU slow them down many times over."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("name", STUDIES)

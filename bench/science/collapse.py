@@ -61,9 +61,9 @@ def run(ctx: Context) -> StudyResult:
     ax.plot(fixed.sigma2_init, fixed.collapsed_fraction, "o-", label=f"fixed σ², (ε, δ) = ({EPS}, {DELTA})")
     ax.plot(fixed.sigma2_init, fixed["collapsed_fraction_eps0.1"], "s--", label=f"fixed σ², ε = 0.1")
     ax.plot(learned.sigma2_final, learned.collapsed_fraction, "r^", ms=9, label="learned σ² (at its final value)")
-    for _, row in learned.iterrows():
+    for i, (_, row) in enumerate(learned.iterrows()):
         ax.annotate(f"init {row.sigma2_init:g}", (row.sigma2_final, row.collapsed_fraction), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+                    xytext=(6, 6 + 11 * i), textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.5})
     ax.set_xscale("log")
     ax.set_xlabel("σ²")
     ax.set_ylabel("fraction of collapsed latent dimensions")

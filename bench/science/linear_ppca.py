@@ -168,7 +168,7 @@ def run(ctx: Context) -> StudyResult:
     meets = worst < 0.5
     outcome = "bears out" if meets and matches and worst_off < 0.2 else ("partly" if meets or matches else "does not bear out")
     verdict = (
-        f"Linear VAE = pPCA: trained ELBO within {worst:.2f}% ({worst_abs:.3f} nats) of the exact pPCA "
+        f"Trained ELBO within {worst:.2f}% ({worst_abs:.3f} nats) of the exact pPCA "
         f"log-likelihood for q = {sizes[0]}..{sizes[-1]} (aim < 0.5%: {'met' if meets else 'missed'}); "
         f"columns of W orthogonal to |cos| <= {worst_off:.2f}; with σ² fixed above σ²_MLE the collapsed "
         f"dimensions {'match' if matches else 'do not match'} pPCA's prediction."

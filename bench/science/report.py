@@ -17,14 +17,15 @@ def write_report(ctx: Context, results: list[StudyResult], total_seconds: float,
         f"- Machine: {env_summary(ctx.device)}",
         f"- Mode: {'QUICK (a handful of steps on tiny data: the code path only, the numbers mean nothing)' if ctx.quick else 'full'}",
         f"- Data: {'scikit-learn digits (1797 images, 8x8) and synthetic data' if ctx.data is None else ctx.data}",
-        f"- Wall time: {total_seconds / 60:.1f} min",
+        f"- Wall time: {total_seconds / 60:.1f} min (all studies; on a CPU, drawing the Philox noise in the reference "
+        "backend is a large share of each training step)",
         "- Reproduce: `python -m bench.science` (or `python -m bench run --suite science`); `--quick` for the smoke path.",
         "",
         "| # | study | outcome | verdict | time |",
         "|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.number} | [{r.title}](#{r.number}-{_anchor(r.title)}) | **{r.outcome}** | {r.verdict} | {r.seconds:.0f} s |")
+        lines.append(f"| {r.number} | [{r.title}](#{_anchor(f'{r.number}. {r.title}')}) | **{r.outcome}** | {r.verdict} | {r.seconds:.0f} s |")
     for name, error in failures.items():
         lines.append(f"| – | {name} | **failed** | `{error}` | – |")
     for r in results:
@@ -52,5 +53,6 @@ def write_report(ctx: Context, results: list[StudyResult], total_seconds: float,
 
 
 def _anchor(title: str) -> str:
-    keep = [c.lower() if c.isalnum() else ("-" if c == " " else "") for c in title]
-    return "".join(keep)
+    """GitHub's heading slug: lower case; letters, digits, '_' and '-' kept; spaces to '-'; the rest dropped."""
+    heading = f"{title}".lower()
+    return "".join(c if (c.isalnum() or c in "_-") else ("-" if c == " " else "") for c in heading)

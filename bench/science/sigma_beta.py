@@ -177,7 +177,7 @@ def run(ctx: Context) -> StudyResult:
     equivalence = pd.DataFrame(_equivalence(ctx, data, eq_steps))
     csvs.append(write_csv(ctx, "study2_adam_equivalence.csv", equivalence))
 
-    fig, axes = figure(3, size=(15, 4))
+    fig, axes = figure(2, 2, size=(14, 9))
     ax = axes[0]
     ax.bar(range(len(table)), table.nll_bound_nats_per_dim, color="C0", label="own σ")
     ax.plot(range(len(table)), table.nll_bound_calibrated_nats_per_dim, "k_", ms=18, mew=2, label="σ² = train MSE (post hoc)")
@@ -192,16 +192,21 @@ def run(ctx: Context) -> StudyResult:
     ax.set_xlabel("latent dimension (sorted)")
     ax.set_ylabel("mean KL (nats)")
     ax.set_title("Per-dimension KL")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, ncol=2)
     ax = axes[2]
+    kinds = list(dict.fromkeys(zip(equivalence.pair, equivalence.dtype, equivalence.adam_eps)))
     for (beta, pair, dtype, adam_eps), group in equivalence.groupby(["beta", "pair", "dtype", "adam_eps"], sort=False):
-        ax.plot(group.step, group.max_abs_param_diff.clip(lower=1e-12), marker="o",
-                ls="--" if pair.startswith("control") else "-", label=f"β={beta:g} {pair} {dtype} ε={adam_eps:g}")
+        ax.plot(group.step, group.max_abs_param_diff.clip(lower=1e-12), color=f"C{kinds.index((pair, dtype, adam_eps))}",
+                marker="o" if beta == EQUIVALENCE_BETAS[0] else "s", ls="--" if pair.startswith("control") else "-",
+                label=f"β={beta:g}: {pair}, {dtype}, Adam ε={adam_eps:g}")
     ax.set_yscale("log")
     ax.set_xlabel("Adam step")
     ax.set_ylabel("max |θ_a − θ_b|")
-    ax.set_title("Adam: β-VAE vs fixed σ², same seed")
-    ax.legend(fontsize=6)
+    ax.set_title("Adam: β-VAE vs fixed σ², same seed, batches and noise")
+    handles, labels = ax.get_legend_handles_labels()
+    axes[3].axis("off")
+    axes[3].legend(handles, labels, loc="center left", fontsize=9, title="lockstep pairs (circles β=%g, squares β=%g)"
+                   % EQUIVALENCE_BETAS)
     figure_name = save(fig, ctx.out_dir / "study2_sigma_beta.png")
 
     final = equivalence[equivalence.step == equivalence.step.max()]
@@ -221,15 +226,22 @@ def run(ctx: Context) -> StudyResult:
     betas = by.loc[[f"β-VAE β={b:g}" for b in BETAS]]
     kl_falls = bool(np.all(np.diff(betas.kl_nats.to_numpy()) < 0))
     equivalent = eq_max < 1e-6 and control_min > 1e3 * max(eq_max, 1e-12)
-    checks = [better_nll, sharper, kl_falls, equivalent]
+    # The step-for-step claim rests on Adam ignoring the loss's scale; with torch's default ε it does not.
+    default_equivalent = default_max < 1e-4
+    checks = [better_nll, sharper, kl_falls, equivalent, default_equivalent]
     outcome = "bears out" if all(checks) else ("partly" if any(checks) else "does not bear out")
+    tail = (
+        f"{default_max:.1e} with torch's default Adam ε=1e-8, as far apart as a mismatched control ({control_min:.1e}): "
+        "the equivalence holds only when ε is negligible next to the gradients."
+        if not default_equivalent
+        else f"{default_max:.1e} with torch's default Adam ε=1e-8 (mismatched control {control_min:.1e})."
+    )
     verdict = (
         f"Learned/optimal σ beats σ=1 on the NLL bound ({learned_like.nll_bound_nats_per_dim.min():.3f} vs "
         f"{fixed.nll_bound_nats_per_dim:.3f} nats/dim) {'and' if sharper else 'but not'} on MSE "
         f"({learned_like.mse.min():.4f} vs {fixed.mse:.4f}); per-pixel σ is {'the best' if per_pixel_best else 'not the best'} "
         f"bound; KL falls monotonically with β: {'yes' if kl_falls else 'no'}; β-VAE ≡ σ²=β/2 under Adam: max parameter "
-        f"difference after {eq_steps} steps {eq_max:.1e} in float64 with negligible ε, {f32_max:.1e} in float32, "
-        f"{default_max:.1e} with torch's default ε=1e-8 (mismatched control {control_min:.1e})."
+        f"difference after {eq_steps} steps {eq_max:.1e} in float64 with negligible ε, {f32_max:.1e} in float32, " + tail
     )
     body = [
         markdown_table(table, {"sigma_x": "{:.4f}", "mse": "{:.5f}", "kl_nats": "{:.2f}"}, default="{:.4f}"),
