@@ -61,3 +61,23 @@ def test_cli_quick(tmp_path):
 
     assert main(["--quick", "--out", str(tmp_path), "--only", "collapse"]) == 0
     assert (tmp_path / "REPORT.md").exists() and (tmp_path / "study4_collapse.csv").exists()
+
+
+def test_data_path_goes_through_the_bench_idx_loader(tmp_path):
+    """``--data`` with an MNIST-format IDX file: read by bench.data.load_idx, dequantised, used by the image studies."""
+    import struct
+
+    import numpy as np
+
+    from bench.science.common import load_image_data
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(40, 12, 12), dtype=np.uint8)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", *pixels.shape) + pixels.tobytes())
+    ctx = Context(out_dir=tmp_path, quick=True, data=str(path), verbose=False)
+    data = load_image_data(ctx)
+    assert data.image_shape == (1, 12, 12) and data.train.shape[0] + data.test.shape[0] == 40
+    assert 0.0 < float(data.train.min()) and float(data.train.max()) < 1.0  # (level + u) / 256
+    result = importlib.import_module("bench.science.sigma_beta").run(ctx)
+    assert (tmp_path / result.csvs[0]).exists()

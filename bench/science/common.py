@@ -149,61 +149,48 @@ def load_digits_images(seed: int = 0, *, quick: bool = False, scale: float = 1.0
     return Dataset("sklearn digits 8x8 (dequantised)", images[:n_train], images[n_train:], 17)
 
 
+#: ``data`` values that mean "the bundled digits" (the bench CLI's ``synthetic`` default included: the
+#: science studies that need synthetic data draw their own from known generative models).
+DEFAULT_DATA = (None, "", "digits", "synthetic")
+
+
 def load_image_data(ctx: Context, seed: int = 0, *, max_train: int = 6000, max_test: int = 1500) -> Dataset:
-    """The study data: ``ctx.data`` (an MNIST IDX file, through the bench loader) or the bundled digits."""
-    if ctx.data is None:
+    """The study data: the bundled digits, or ``ctx.data`` (an MNIST IDX file or folder, or a folder of images).
+
+    IDX files are read by the bench suite's loader (:func:`bench.data.load_idx`, the one the training
+    loops use); integer grey levels are dequantised so that a Gaussian density has a finite NLL.
+    Image folders go through :func:`bench.data.load_dataset` at 28x28 grey. At most ``max_train +
+    max_test`` images are used (a CPU budget).
+    """
+    if ctx.data in DEFAULT_DATA:
         return load_digits_images(seed, quick=ctx.quick)
-    images = _load_external_images(ctx.data)  # (N, H, W) uint8 or float
-    array = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    array = array.astype(np.float64)
-    if array.ndim == 2:  # (N, D) flattened: assume square images
-        side = int(round(math.sqrt(array.shape[1])))
-        array = array.reshape(-1, side, side)
-    if array.ndim == 3:
-        array = array[:, None]
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(array.shape[0])
-    if ctx.quick:
-        order = order[:120]
+    from bench import data as bench_data
+
+    path = Path(ctx.data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {ctx.data}: no such file or folder")
+    limit = 120 if ctx.quick else max_train + max_test
+    if bench_data._is_idx(path):
+        raw = bench_data.load_idx(path)
+        if raw.dim() == 2:  # (N, D) flattened square images
+            side = int(round(math.sqrt(raw.shape[1])))
+            raw = raw.reshape(-1, side, side)
+        if raw.dim() == 3:
+            raw = raw[:, None]
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(raw.shape[0])[:limit]
+        array = raw.numpy()[order].astype(np.float64)
+        if raw.dtype == torch.uint8:
+            array, levels = _dequantise(array, 256, rng), 256
+        else:
+            levels = 0
+        images = torch.tensor(array, dtype=torch.float32)
     else:
-        order = order[: max_train + max_test]
-    array = array[order]
-    if array.max() > 1.0:  # integer grey levels 0..255
-        array = _dequantise(np.round(array), 256, rng)
-        levels = 256
-    else:
+        images = bench_data.load_dataset(str(path), n=limit, channels=1, size=28, seed=seed)
         levels = 0
-    images_t = torch.tensor(array, dtype=torch.float32)
-    n_train = int(round(0.8 * images_t.shape[0]))
-    return Dataset(f"{Path(ctx.data).name} (dequantised)", images_t[:n_train], images_t[n_train:], levels)
-
-
-def _load_external_images(path: str):
-    """Load images through the bench suite's IDX loader, the one the training loops use."""
-    candidates = (
-        ("bench.data", "load_idx"),
-        ("bench.data", "load_mnist"),
-        ("bench.data", "load_images"),
-        ("bench.datasets", "load_idx"),
-        ("bench.datasets", "load_mnist"),
-        ("bench.idx", "load_idx"),
-        ("bench.idx", "read_idx"),
-    )
-    import importlib
-
-    for module_name, attr in candidates:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        loader = getattr(module, attr, None)
-        if loader is not None:
-            return loader(path)
-    raise NotImplementedError(
-        f"--data {path}: no IDX loader found in the bench package (looked for "
-        + ", ".join(f"{m}.{a}" for m, a in candidates)
-        + "); run the science suite without --data to use scikit-learn's digits"
-    )
+    n_train = int(round(0.8 * images.shape[0]))
+    return Dataset(f"{path.name} ({images.shape[0]} images, {'dequantised' if levels else 'as is'})",
+                   images[:n_train], images[n_train:], levels)
 
 
 def synthetic_factors(
