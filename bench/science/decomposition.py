@@ -138,7 +138,8 @@ def run(ctx: Context) -> StudyResult:
         "in float64; `analytic_kl` is fusedvae's exact KL averaged over all points; `sum_minus_kl` is the batch's sum "
         "of the three terms minus the same batch's analytic KL (mean ± standard error over batches). The three estimates "
         "telescope to estimator A, log q(z|x) − log p(z), so the sum matches the KL in expectation whatever the "
-        "estimate of q(z); the split between the terms is what depends on it.",
+        "estimate of q(z); the split between the terms is what depends on it. On a dataset of N points the index-code "
+        f"MI is at most log N = {math.log(n):.2f} nats, which the VAE nearly reaches.",
     ]
     method = (
         f"Synthetic data from a known generative model: {N_FACTORS} independent N(0, 1) factors through a fixed random "

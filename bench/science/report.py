@@ -17,8 +17,8 @@ def write_report(ctx: Context, results: list[StudyResult], total_seconds: float,
         f"- Machine: {env_summary(ctx.device)}",
         f"- Mode: {'QUICK (a handful of steps on tiny data: the code path only, the numbers mean nothing)' if ctx.quick else 'full'}",
         "- Data: "
-        + ("scikit-learn's digits (1797 real 8x8 images, dequantised) for studies 1-4 and 6; synthetic data from known "
-           "generative models in studies 1 (pPCA's own closed form) and 5"
+        + ("scikit-learn's digits (1797 real 8x8 images, dequantised) for studies 1-4 and 6; synthetic data from a known "
+           "generative model for study 5"
            if ctx.data in DEFAULT_DATA else
            f"`{ctx.data}` for studies 2, 3, 4 and 6; scikit-learn's digits for study 1; synthetic data for study 5"),
         f"- Wall time: {total_seconds / 60:.1f} min (all studies; on a CPU, drawing the Philox noise in the reference "
