@@ -35,7 +35,10 @@ from torch import nn
 from .. import functional as fvf
 from .diffusers import DiagonalGaussianDistribution
 
-__all__ = ["TINY_CONFIG", "AutoencoderKLTrainStep", "StepLosses", "ldm_nll_eager", "ldm_nll_fused", "tiny_autoencoderkl"]
+__all__ = [
+    "TINY_CONFIG", "AutoencoderKLTrainStep", "StepLosses", "latent_diffusion_losses", "ldm_nll_eager", "ldm_nll_fused",
+    "tiny_autoencoderkl",
+]
 
 #: A small AutoencoderKL for 3x32x32 images: two levels (32, 64 channels), a 4x16x16 latent.
 TINY_CONFIG: dict[str, Any] = {
@@ -79,6 +82,44 @@ class StepLosses(NamedTuple):
     logvar: torch.Tensor
 
 
+def latent_diffusion_losses(
+    model: nn.Module,
+    logvar: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    fused: bool,
+    kl_weight: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> StepLosses:
+    """Encode, sample, decode and the loss of the module docstring: ``(loss, nll, kl, logvar)``.
+
+    Args:
+        model: a diffusers ``AutoencoderKL``, unmodified.
+        logvar: the learned scalar log-variance, 0-dim.
+        x: ``(B, C, H, W)`` images, the model's dtype.
+        fused: ``False``: the NLL by :func:`ldm_nll_eager` and the posterior as the model builds it;
+            ``True``: the NLL by :func:`ldm_nll_fused`, and the posterior must be fusedvae's (call
+            inside :func:`fusedvae.compat.diffusers.patch`; a ``RuntimeError`` says so otherwise).
+        kl_weight: weight of the per-datapoint KL.
+        generator: for ``posterior.sample``.
+
+    Returns:
+        :class:`StepLosses` of 0-dim tensors; ``loss`` is attached to the graph.
+    """
+    posterior = model.encode(x).latent_dist
+    if fused and not isinstance(posterior, DiagonalGaussianDistribution):
+        raise RuntimeError(
+            "the fused AutoencoderKL step needs fusedvae's posterior: run it inside "
+            "`with fusedvae.compat.diffusers.patch():`"
+        )
+    z = posterior.sample(generator=generator)
+    reconstruction = model.decode(z).sample
+    nll = (ldm_nll_fused if fused else ldm_nll_eager)(x, reconstruction, logvar)
+    kl = posterior.kl()
+    kl = torch.sum(kl) / kl.shape[0]
+    return StepLosses(nll + kl_weight * kl, nll, kl, logvar.detach().clone())
+
+
 class AutoencoderKLTrainStep:
     """One optimizer step of an ``AutoencoderKL`` on the latent-diffusion Gaussian loss.
 
@@ -116,18 +157,8 @@ class AutoencoderKLTrainStep:
 
     def losses(self, x: torch.Tensor, generator: torch.Generator | None = None) -> StepLosses:
         """The forward pass: ``(loss, nll, kl, logvar)``, loss attached to the graph."""
-        posterior = self.model.encode(x).latent_dist
-        if self.fused and not isinstance(posterior, DiagonalGaussianDistribution):
-            raise RuntimeError(
-                "the fused AutoencoderKL step needs fusedvae's posterior: run it inside "
-                "`with fusedvae.compat.diffusers.patch():`"
-            )
-        z = posterior.sample(generator=generator)
-        reconstruction = self.model.decode(z).sample
-        nll = (ldm_nll_fused if self.fused else ldm_nll_eager)(x, reconstruction, self.logvar)
-        kl = posterior.kl()
-        kl = torch.sum(kl) / kl.shape[0]
-        return StepLosses(nll + self.kl_weight * kl, nll, kl, self.logvar.detach().clone())
+        return latent_diffusion_losses(self.model, self.logvar, x, fused=self.fused, kl_weight=self.kl_weight,
+                                       generator=generator)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> StepLosses:
         """Forward, backward and an optimizer step on the batch ``x``; returns the losses, detached."""
