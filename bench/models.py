@@ -214,7 +214,8 @@ class ModelSpec:
     """One training benchmark: a model, its variant, its input shape and per-process batch.
 
     ``context(provider)``, when given, is entered around every step of that provider (compilation
-    included), inside the provider's own context.
+    included), inside the provider's own context. ``unfused_backend`` names, for the ``backend``
+    column, what the eager providers' loss path runs when it is not fusedvae's reference.
     """
 
     model: str
@@ -224,6 +225,7 @@ class ModelSpec:
     batch: int
     build: Callable[[], nn.Module]
     context: Callable[[str], AbstractContextManager] | None = None
+    unfused_backend: str | None = None  # what eager and compile run when it is not fusedvae's reference
 
     @property
     def name(self) -> str:
@@ -267,7 +269,8 @@ def model_specs(preset: str, device_type: str) -> list[ModelSpec]:
                            lambda: HierarchicalVAE(**hier)))
     if importlib.util.find_spec("diffusers") is not None:  # an optional dependency (pip install fusedvae[bench])
         specs.append(ModelSpec("autoencoderkl", f"ldm-{akl_size}px", 3, akl_size, batch["akl"],
-                               lambda: LatentDiffusionAutoencoder(**akl), context=_patched_for_fused))
+                               lambda: LatentDiffusionAutoencoder(**akl), context=_patched_for_fused,
+                               unfused_backend="diffusers"))
     return specs
 
 

@@ -372,10 +372,13 @@ def _all_micro(micro: pd.DataFrame) -> list[str]:
         op, variant, dtype, mode, _, shape = key
         cells = [op, variant, dtype, mode, shape, _fmt(bytes_by.get((op, variant, dtype, mode, shape), math.nan))]
         for p in providers:
-            cells.append(f"{_fmt(row.get(('time_ms_p50', p)))} ({_fmt(row.get(('time_ms_p20', p)))}–"
-                         f"{_fmt(row.get(('time_ms_p80', p)))})")
+            median = row.get(("time_ms_p50", p), math.nan)
+            cells.append("–" if not math.isfinite(median) else
+                         f"{_fmt(median)} ({_fmt(row.get(('time_ms_p20', p)))}–{_fmt(row.get(('time_ms_p80', p)))})")
         for p in providers:
-            cells.append(f"{_fmt(row.get(('gbps', p)))} ({_fmt(100 * row.get(('roofline_fraction', p), math.nan), 2)}%)")
+            gbps = row.get(("gbps", p), math.nan)
+            cells.append("–" if not math.isfinite(gbps) else
+                         f"{_fmt(gbps)} ({_fmt(100 * row.get(('roofline_fraction', p), math.nan), 2)}%)")
         body.append(cells)
     return ["## All micro-benchmark rows", "", "<details><summary>every op × variant × dtype × mode × size</summary>", "",
             _table(header, body), "", "</details>", ""]

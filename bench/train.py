@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .data import describe, load_dataset
 from .device import distributed_env, environment, synchronize, threads
 from .models import ModelSpec
-from .providers import TRAIN_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context
+from .providers import FUSED, TRAIN_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context
 from .timing import peak_memory_mb
 
 COLUMNS = (
@@ -151,8 +151,11 @@ class Runner:
         if loss is not None and world > 1:
             dist.all_reduce(loss)
             loss = loss / world
-        with provider_context(self.provider):
-            backend = backend_label(self.provider, next(self.module.parameters()))
+        if spec.unfused_backend and self.provider not in FUSED:
+            backend = spec.unfused_backend
+        else:
+            with provider_context(self.provider):
+                backend = backend_label(self.provider, next(self.module.parameters()))
         return {
             "backend": backend, "step_ms_p50": p50, "step_ms_p20": p20, "step_ms_p80": p80,
             "first_step_ms": self.times[0] * 1e3 if self.times else math.nan,

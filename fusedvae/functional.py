@@ -371,7 +371,10 @@ def gaussian_nll_loss(
         eps: lower clamp of ``var``.
         reduction: ``"mean"`` (default, as torch), ``"sum"``, ``"none"``, and fusedvae's
             ``"batchmean"`` and ``"per_sample"``.
-        check_var: raise ``ValueError`` on a negative variance, as torch does.
+        check_var: raise ``ValueError`` on a negative variance, as torch does. The check reads a
+            value from the device: a host synchronisation, and under ``torch.compile`` a graph
+            break (an error with ``fullgraph=True``), as with torch's own function; pass
+            ``False`` in compiled or latency-critical code.
 
     Example::
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-import zlib
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedvae as fv
+from float64_inputs import assert_close, grads, randn
 from fusedvae import backend as backend_module
 
 F64 = torch.float64
@@ -30,28 +30,10 @@ def _reference_backend():
         yield
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def randn(gen, *shape, dtype=F64, scale=1.0, shift=0.0, requires_grad=False):
-    t = torch.randn(shape, generator=gen, dtype=dtype) * scale + shift
-    return t.requires_grad_(requires_grad)
-
-
 def uniform(gen, *shape, low, high, dtype=F64, requires_grad=False):
     """torch.testing.make_tensor's float distribution: uniform on [low, high)."""
     t = torch.rand(shape, generator=gen, dtype=dtype) * (high - low) + low
     return t.requires_grad_(requires_grad)
-
-
-def grads(output, inputs, grad_output=None):
-    return torch.autograd.grad(output, inputs, grad_output, retain_graph=True)
-
-
-def assert_close(actual, expected, rtol=1e-10, atol=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 def kl_closed_form(mu, lv, mu_p=0.0, lv_p=0.0):

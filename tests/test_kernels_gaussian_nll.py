@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import zlib
 
 import pytest
 import torch
@@ -37,11 +36,6 @@ def _nan_filled_buffers(monkeypatch):
         return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(math.nan)
 
     monkeypatch.setattr(kgnll, "_empty", empty)
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def randn(gen, shape, scale=1.0, shift=0.0):

@@ -10,7 +10,6 @@ partial sums, gradients) starts filled with NaN, so an unwritten element fails.
 from __future__ import annotations
 
 import os
-import zlib
 
 import pytest
 import torch
@@ -38,11 +37,6 @@ def _nan_filled_outputs(monkeypatch):
 
     monkeypatch.setattr(ksample_kl, "_alloc", alloc)
     monkeypatch.setattr(ksample_kl, "TILING_OVERRIDE", None)
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def randn(gen, shape, scale=1.0, shift=0.0):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 import fusedvae as fv
+from float64_inputs import assert_close, grads, randn
 
 F64 = torch.float64
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -20,24 +20,6 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 def _reference_backend():
     with fv.use_backend("reference"):
         yield
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def randn(gen, *shape, dtype=F64, scale=1.0, shift=0.0, requires_grad=False):
-    t = torch.randn(shape, generator=gen, dtype=dtype) * scale + shift
-    return t.requires_grad_(requires_grad)
-
-
-def grads(output, inputs, grad_output=None):
-    return torch.autograd.grad(output, inputs, grad_output, retain_graph=True)
-
-
-def assert_close(actual, expected, rtol=1e-10, atol=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 def per_sample(values: torch.Tensor) -> torch.Tensor:

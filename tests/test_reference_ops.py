@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import decimal
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from hypothesis.extra import numpy as hnp
 from torch.distributions import Normal, kl_divergence
 
 import fusedvae as fv
+from float64_inputs import assert_close, grads, randn
 from fusedvae.reference import exp_minus_one_minus_x, philox4x32, philox_normal
 from fusedvae.seeding import draw_seed_offset
 
@@ -35,17 +35,6 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
 def _reference_backend():
     with fv.use_backend("reference"):
         yield
-
-
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from the test's id: fresh inputs per test, reproducible runs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def randn(gen, *shape, dtype=F64, scale=1.0, shift=0.0, requires_grad=False):
-    t = torch.randn(shape, generator=gen, dtype=dtype) * scale + shift
-    return t.requires_grad_(requires_grad)
 
 
 def reduce_ref(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -77,15 +66,6 @@ def kl_torch(mu, lv, mu_p=None, lv_p=None):
     lv_p = torch.zeros_like(lv) if lv_p is None else lv_p
     p = Normal(mu_p.expand_as(mu), torch.exp(0.5 * lv_p).expand_as(mu))
     return kl_divergence(Normal(mu, torch.exp(0.5 * lv)), p)
-
-
-def grads(output, inputs, grad_output):
-    inputs = [t for t in inputs if t is not None and t.requires_grad]
-    return torch.autograd.grad(output, inputs, grad_output, retain_graph=True)
-
-
-def assert_close(actual, expected, rtol=1e-10, atol=1e-12):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
 # --------------------------------------------------------------------------------------------- KL
