@@ -5,14 +5,6 @@
 - ``fusedvae``: the public ops on the default backend (``"auto"``: the Triton kernels on CUDA
   tensors, the reference on CPU tensors, so on a CPU ``fusedvae`` measures what ``eager`` does).
 - ``fusedvae+compile`` (training loops): the whole step compiled with the default backend.
-
-One workaround lives here. Inductor does not finish compiling the reference's Philox generator
-(``fusedvae.reference.philox.philox_normal``, ten rounds of 32-bit integer arithmetic held in int64):
-its lowering inlines every use of every intermediate, which grows exponentially with the rounds (on a
-256x32 input it ran for over 15 minutes without finishing, CPU). So while a compiled provider runs, the
-noise generator is wrapped in ``torch.compiler.disable``: the noise is drawn eagerly (one graph
-break) and everything around it (the sample, the KL and the losses) is compiled. The Triton
-backend is not affected (its kernels are opaque custom ops to Dynamo).
 """
 
 from __future__ import annotations
@@ -38,31 +30,6 @@ def backend_label(provider: str, tensor: torch.Tensor) -> str:
     """The implementation ``provider`` runs on ``tensor``: ``reference`` or ``triton``."""
     with fv.use_backend(BACKEND[provider]):
         return fv.backend_for(tensor)
-
-
-_DISABLED: dict[int, object] = {}
-
-
-@contextlib.contextmanager
-def _philox_outside_graph() -> Iterator[None]:
-    import fusedvae.reference.sampling as sampling
-
-    original = sampling.philox_normal
-    if getattr(original, "_bench_disabled", False):
-        yield  # already patched (nested contexts)
-        return
-    # One wrapper object for the whole process: Dynamo guards on the global's identity, so a new
-    # wrapper each time the context is entered would recompile every compiled step.
-    wrapped = _DISABLED.get(id(original))
-    if wrapped is None:
-        wrapped = torch.compiler.disable(original)
-        wrapped._bench_disabled = True
-        _DISABLED[id(original)] = wrapped
-    sampling.philox_normal = wrapped
-    try:
-        yield
-    finally:
-        sampling.philox_normal = original
 
 
 def configure_dynamo(*, retain_graph: bool = False) -> None:
@@ -93,8 +60,4 @@ def provider_context(provider: str) -> Iterator[None]:
     if provider not in BACKEND:
         raise ValueError(f"unknown provider {provider!r}; choose from {tuple(BACKEND)}")
     with fv.use_backend(BACKEND[provider]):
-        if is_compiled(provider):
-            with _philox_outside_graph():
-                yield
-        else:
-            yield
+        yield

@@ -170,6 +170,41 @@ def test_one_graph_and_the_fused_ops_are_nodes_in_it(backend):
     assert counts == [want, want, want], counts
 
 
+def test_inductor_compiles_the_reference_noise_as_one_opaque_op():
+    """The reference backend under inductor (on a CPU too): the Philox noise is ``fusedvae::reference_philox_normal``.
+
+    Left to lower ``philox_normal``'s ten rounds of int64 arithmetic itself, inductor does not
+    finish (over 15 minutes on a 256 x 32 input); as one opaque op it compiles in seconds, and the
+    sample matches eager's to a few ulps (the noise itself is eager's: the same op on the same key).
+    """
+
+    def sample_and_nll(mu, logvar, decoder, x):
+        z, kl = fv.rsample_kl(mu, logvar)
+        return fv.gaussian_nll(x, (z @ decoder).reshape(x.shape), 0.0) + kl, z
+
+    mu, logvar, _, _, decoder, _, x, _ = make_inputs()
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    with fv.use_backend("reference"), torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(sample_and_nll, fullgraph=True, backend=capture)
+        for seed in (3, 4):
+            torch.manual_seed(seed)
+            want_loss, want_z = sample_and_nll(mu, logvar, decoder, x)
+            torch.manual_seed(seed)
+            got_loss, got_z = compiled(mu, logvar, decoder, x)
+            # z = mu + exp(lv / 2) * eps is inductor's own kernel here (vectorised exp): a few ulps off eager
+            torch.testing.assert_close(got_z, want_z, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    targets = [str(node.target) for node in seen[0].graph.nodes if node.op == "call_function"]
+    assert targets.count("fusedvae.reference_philox_normal.default") == 1, targets
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_dynamo_explain_reports_no_graph_break(backend):
     # Without fullgraph=True, Dynamo captures the .tolist() of the noise key only when

@@ -10,10 +10,29 @@ from .philox import philox_normal
 from .reductions import reduce
 
 
+# Under torch.compile the noise is one opaque op: inductor, left to lower philox_normal's ten rounds
+# of int64 arithmetic itself, inlines every intermediate into each use and does not finish (over
+# 15 minutes on a 256 x 32 input, CPU). Eager calls run philox_normal directly.
+@torch.library.custom_op("fusedvae::reference_philox_normal", mutates_args=())
+def _philox_normal_op(seed: int, offset: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return philox_normal(seed, offset, numel, dtype=dtype, device=device)
+
+
+@_philox_normal_op.register_fake
+def _(seed: int, offset: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def _noise(seed: int, offset: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _philox_normal_op(seed, offset, numel, dtype, device)
+    return philox_normal(seed, offset, numel, dtype=dtype, device=device)
+
+
 def rsample(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int, seed: int, offset: int) -> torch.Tensor:
     """``n_samples`` draws of shape ``(n_samples, *mu.shape)``; sample ``k``, element ``i`` (row-major) has logical index ``k * mu.numel() + i``."""
     dtype = compute_dtype(mu, logvar)
-    eps = philox_normal(seed, offset, n_samples * mu.numel(), dtype=dtype, device=mu.device)
+    eps = _noise(seed, offset, n_samples * mu.numel(), dtype, mu.device)
     eps = eps.reshape(n_samples, *mu.shape)
     z = mu.to(dtype) + torch.exp(0.5 * logvar.to(dtype)) * eps
     return z.to(result_dtype(mu, logvar))
