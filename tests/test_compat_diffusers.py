@@ -393,3 +393,17 @@ def test_docstring_examples():
     result = doctest.testmod(fvd, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
     assert not fvd.is_patched()
+
+
+def test_the_example_trains_both_runs(tmp_path):
+    """examples/train_autoencoderkl.py runs end to end (a few steps) and reports both runs."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_autoencoderkl.py"
+    done = subprocess.run([sys.executable, str(example), "--steps", "3", "--batch-size", "2", "--device", "cpu",
+                           "--log-every", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.split("summary")[-1]
+    for run in ("eager", "patched"):
+        line = next(line for line in summary.splitlines() if line.strip().startswith(run))
+        assert "ms/step" in line and "nan" not in line.lower(), line
