@@ -1,8 +1,9 @@
 """Train a small diffusers AutoencoderKL on synthetic images: diffusers' posterior against fusedvae's.
 
-The model is built from a config (no download) and trained with latent diffusion's autoencoder
-loss, Gaussian part: ``sum(rec / exp(logvar) + logvar) / B + kl_weight * KL`` with ``rec`` the
-squared error and ``logvar`` one learned scalar, in the optimizer. Two runs from the same weights
+The model is built from a config (no download) and trained on the benchmark suite's synthetic
+images (``bench.data.synthetic_images``) with latent diffusion's autoencoder loss, Gaussian part:
+``sum(rec / exp(logvar) + logvar) / B + kl_weight * KL`` with ``rec`` the squared error and
+``logvar`` one learned scalar, in the optimizer. Two runs from the same weights
 on the same batches:
 
 - eager:   the unmodified AutoencoderKL and the loss written as latent diffusion writes it;
@@ -20,30 +21,14 @@ interpreter), so the timing comparison means something only on a GPU.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
 import torch
 
+from bench.data import synthetic_images
 from fusedvae.compat import autoencoderkl as akl
 from fusedvae.compat.diffusers import patch
-
-
-def synthetic_images(n: int, size: int = 32, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` RGB images ``(n, 3, size, size)`` in [-1, 1]: a colour gradient plus three soft coloured blobs."""
-    grid = torch.linspace(-1.0, 1.0, size)
-    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
-    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    angle = rand(n, 1, 1) * 2 * math.pi
-    ramp = torch.cos(angle) * xx + torch.sin(angle) * yy  # (n, size, size)
-    images = rand(n, 3, 1, 1) * 0.5 + rand(n, 3, 1, 1) * 0.5 * ramp[:, None]
-    for _ in range(3):
-        cy, cx = rand(n, 1, 1) * 1.6 - 0.8, rand(n, 1, 1) * 1.6 - 0.8
-        radius = rand(n, 1, 1) * 0.3 + 0.1
-        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))  # (n, size, size)
-        images = images + (rand(n, 3, 1, 1) * 2 - 1) * blob[:, None]
-    return images.clamp(-1.0, 1.0)
 
 
 def run(step: akl.AutoencoderKLTrainStep, data: torch.Tensor, batches: list[torch.Tensor], device: torch.device,
@@ -81,7 +66,8 @@ def main() -> None:
     args.batch_size = args.batch_size or (32 if on_cuda else 8)
 
     data_generator = torch.Generator().manual_seed(args.seed)
-    data = synthetic_images(1024, akl.TINY_CONFIG["sample_size"], generator=data_generator)
+    size = akl.TINY_CONFIG["sample_size"]
+    data = synthetic_images(1024, 3, size, seed=args.seed) * 2 - 1  # diffusers' images are in [-1, 1]
     batches = [torch.randint(0, len(data), (args.batch_size,), generator=data_generator) for _ in range(args.steps)]
     torch.manual_seed(args.seed)
     model = akl.tiny_autoencoderkl().to(device)
