@@ -421,6 +421,20 @@ def test_philox_normal_logical_index_and_key():
     assert_close(philox_normal(seed, offset, 8, dtype=torch.float32).to(F64), batch, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_philox_normal_in_cpu_chunks_is_the_one_pass_stream(dtype):
+    """On a CPU long draws are made CPU_CHUNK elements at a time: the same values as one pass, across the seams."""
+    from fusedvae.reference.philox import CPU_CHUNK, _box_muller_of_philox
+
+    seed, offset, numel = 987654321, 2**32 - CPU_CHUNK - 1, 2 * CPU_CHUNK + 3  # a seam meets the counter's carry
+    chunked = philox_normal(seed, offset, numel, dtype=dtype)
+    assert chunked.shape == (numel,) and chunked.dtype == dtype
+    assert torch.equal(chunked, _box_muller_of_philox(seed, offset, numel, dtype, "cpu"))
+    tail = philox_normal(seed, offset + numel - 5, 5, dtype=dtype)
+    assert torch.equal(chunked[-5:], tail)
+
+
 # --------------------------------------------------------------------------------- gaussian_nll
 
 
