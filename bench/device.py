@@ -85,13 +85,15 @@ def default_out_dir(device: str | torch.device) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
-    """The checkout's short commit, ``+dirty`` when tracked files have uncommitted changes."""
+    """The checkout's short commit, ``+dirty`` when tracked files outside ``results/`` have uncommitted changes
+    (a rerun that rewrites committed results measures the same code)."""
     try:
         head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
                               capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no",
+                                 "--", ".", ":(exclude)results"],
                                 capture_output=True, text=True, timeout=10)
         return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
