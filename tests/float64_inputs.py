@@ -6,9 +6,12 @@ inputs per test, reproducible runs).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 F64 = torch.float64
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def randn(gen, *shape, dtype=F64, scale=1.0, shift=0.0, requires_grad=False):

@@ -17,11 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedvae as fv
-from float64_inputs import assert_close, grads, randn
+from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from fusedvae import backend as backend_module
-
-F64 = torch.float64
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @pytest.fixture(autouse=True)

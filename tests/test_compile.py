@@ -248,6 +248,8 @@ def _opcheck_cases():
         (ops.sum_squared_error_backward, (randn(), x, m, False, False, True)),
         (ops.gaussian_nll_var_forward, (m, x, var, True, 1e-6, "none")),
         (ops.gaussian_nll_var_backward, (randn(), m, randn(2, 4, 5), var, 1e-6, "sum", True, True, True)),
+        (ops.reference_philox_normal, (2**61 + 5, 2**32 - 3, 7, torch.float32, torch.device("cpu"))),
+        (ops.reference_philox_normal, (0, 0, 0, torch.float64, torch.device("cpu"))),
     ]
 
 

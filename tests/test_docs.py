@@ -33,4 +33,12 @@ def _readme_python_blocks():
 
 @pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
 def test_readme_example_runs(index):
-    exec(compile(_readme_python_blocks()[index], f"README.md block {index}", "exec"), {})
+    import torch
+    import torch._inductor.config as inductor_config
+
+    # a block may set global torch.compile options (the README's torch.compile example does): undone after it
+    with inductor_config.patch(fallback_random=inductor_config.fallback_random):
+        try:
+            exec(compile(_readme_python_blocks()[index], f"README.md block {index}", "exec"), {})
+        finally:
+            torch._dynamo.reset()

@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 import fusedvae as fv
-from float64_inputs import assert_close, grads, randn
-
-F64 = torch.float64
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 
 
 @pytest.fixture(autouse=True)

@@ -21,12 +21,10 @@ from hypothesis.extra import numpy as hnp
 from torch.distributions import Normal, kl_divergence
 
 import fusedvae as fv
-from float64_inputs import assert_close, grads, randn
+from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from fusedvae.reference import exp_minus_one_minus_x, philox4x32, philox_normal
 from fusedvae.seeding import draw_seed_offset
 
-F64 = torch.float64
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 KL_REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample", "per_dim")
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
 
@@ -419,7 +417,6 @@ def test_philox_normal_logical_index_and_key():
     assert len(set(batch.tolist())) == 8
     # float32 and float64 Box-Muller on the same integers agree to float32 rounding
     assert_close(philox_normal(seed, offset, 8, dtype=torch.float32).to(F64), batch, rtol=1e-5, atol=1e-5)
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
