@@ -1,12 +1,14 @@
 # make test   — create .venv, install fusedvae with its extras, run the tests (CPU: kernels via Triton's interpreter)
 # make bench  — the same environment, then the benchmark suite on the best device present
+# make lint   — ruff (pycodestyle, pyflakes, import order, bugbear; settings in pyproject.toml)
+# make gpu-dry-run — scripts/gpu_run.sh --dry-run: every step of the GPU run, tiny, on the CPU
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench parity clean venv
+.PHONY: test bench parity lint gpu-dry-run clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +33,12 @@ bench: $(STAMP)
 
 parity: $(STAMP)
 	$(PY) -m fusedvae.parity
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+gpu-dry-run: $(STAMP)
+	PYTHON=$(PY) OUT=$${OUT-/tmp/fusedvae-gpu-dry-run} bash scripts/gpu_run.sh --dry-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
