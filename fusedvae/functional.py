@@ -18,8 +18,8 @@ from . import reference
 from . import validation as check
 from .backend import backend_for
 from .precision import compute_dtype, result_dtype
-from .reference.reductions import BACKEND_REDUCTION as _BACKEND_REDUCTION
-from .reference.reductions import finish as _finish
+from .reductions import BACKEND_REDUCTION as _BACKEND_REDUCTION
+from .reductions import finish as _finish
 from .seeding import draw_seed_offset
 
 def _implementation(tensor: torch.Tensor) -> ModuleType:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as fvf
-from .reference.reductions import apply_reduction
+from .reductions import apply_reduction
 from .validation import KL_REDUCTIONS, check_reduction, check_same_shape, check_tensor
 
 _OPTIMAL_MODES = (None, "batch", "sample")

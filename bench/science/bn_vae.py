@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 import fusedvae as fv
-from fusedvae.reference.diagnostics import active_units, aggregate_posterior_kl, collapsed_fraction
+from fusedvae.analysis.diagnostics import active_units, aggregate_posterior_kl, collapsed_fraction
 
 from .common import Context, StudyResult, evaluate_gaussian_vae, load_image_data, markdown_table, posterior, train_mlp_vae, write_csv
 from .plots import figure, save

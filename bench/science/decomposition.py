@@ -10,8 +10,8 @@ import pandas as pd
 import torch
 
 import fusedvae as fv
-from fusedvae.reference.betatc import betatc_decomposition
-from fusedvae.reference.diagnostics import active_units
+from fusedvae.analysis.betatc import betatc_decomposition
+from fusedvae.analysis.diagnostics import active_units
 
 from .common import Batches, Context, MLPVAE, StudyResult, markdown_table, posterior, synthetic_factors, train_loop, write_csv
 from .plots import figure, save

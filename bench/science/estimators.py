@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 import fusedvae as fv
-from fusedvae.reference.estimators import iwae_bound, kl_estimator_a, log_importance_weights
+from fusedvae.analysis.estimators import iwae_bound, kl_estimator_a, log_importance_weights
 
 from .common import Batches, Context, MLPVAE, StudyResult, load_image_data, markdown_table, train_loop, write_csv
 from .plots import figure, save

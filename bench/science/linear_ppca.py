@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import fusedvae as fv
-from fusedvae.reference.diagnostics import collapsed_fraction
-from fusedvae.reference.linear import ppca_fit, ppca_log_likelihood, linear_vae_elbo
+from fusedvae.analysis.diagnostics import collapsed_fraction
+from fusedvae.analysis.linear import ppca_fit, ppca_log_likelihood, linear_vae_elbo
 
 from .common import Batches, Context, StudyResult, load_digits_images, markdown_table, train_loop, write_csv
 from .plots import figure, save

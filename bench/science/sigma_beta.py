@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 import fusedvae as fv
-from fusedvae.reference.diagnostics import active_units
+from fusedvae.analysis.diagnostics import active_units
 
 from .common import (
     Batches,

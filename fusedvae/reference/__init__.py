@@ -10,13 +10,14 @@ The backend interface (what :mod:`fusedvae.kernels` implements too):
 Backend reductions are ``"none"``, ``"sum"``, ``"per_sample"`` and (KL) ``"per_dim"``; the public
 ops in :mod:`fusedvae.functional` derive ``"mean"`` and ``"batchmean"`` from ``"sum"``.
 
-Beyond the three ops: :mod:`.diagnostics` (active units, collapsed dimensions, BN-VAE's
-aggregate-posterior bound), :mod:`.estimators` (SGVB estimators A and B, the IWAE bound),
-:mod:`.linear` (closed-form pPCA, the linear VAE's analytic ELBO) and :mod:`.betatc` (the β-TC
-decomposition of the KL term).
+The reference holds the specification only. The research tools built on it (diagnostics,
+estimators, linear models, the β-TC decomposition) live in :mod:`fusedvae.analysis`, the reductions in
+:mod:`fusedvae.reductions`; their old paths (``fusedvae.reference.diagnostics`` ...) still import for
+one release, with a ``DeprecationWarning``.
 """
 
-from . import betatc, diagnostics, estimators, linear
+import importlib
+
 from .gaussian_nll import HALF_LOG_2PI, gaussian_nll, gaussian_nll_var, sum_squared_error
 from .kl import exp_minus_one_minus_x, kl_normal_elementwise
 from .philox import philox4x32, philox_normal
@@ -24,10 +25,6 @@ from .sampling import rsample, rsample_kl
 
 __all__ = [
     "HALF_LOG_2PI",
-    "betatc",
-    "diagnostics",
-    "estimators",
-    "linear",
     "exp_minus_one_minus_x",
     "gaussian_nll",
     "gaussian_nll_var",
@@ -38,3 +35,12 @@ __all__ = [
     "rsample_kl",
     "sum_squared_error",
 ]
+
+_MOVED = ("betatc", "diagnostics", "estimators", "linear", "reductions")
+
+
+def __getattr__(name: str):
+    # ``fusedvae.reference.diagnostics`` as an attribute: import the deprecated alias (which warns) on first use.
+    if name in _MOVED:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..precision import compute_dtype, result_dtype
-from .reductions import reduce
+from ..reductions import reduce
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..precision import compute_dtype, result_dtype
+from ..reductions import reduce
 from .kl import kl_normal_elementwise
 from .philox import philox_normal
-from .reductions import reduce
 
 
 # Under torch.compile the noise is one opaque op: inductor, left to lower philox_normal's ten rounds
