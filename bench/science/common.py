@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,11 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     data: str | None = None
     verbose: bool = True
+    #: seed indices: run ``s`` trains with each study's base seed + ``SEED_STRIDE * s`` (so run 0 is the old single run)
+    seeds: tuple[int, ...] = (0,)
+    #: worker processes for the trainings (1: all in this process)
+    jobs: int = 1
+    _pool: Any = field(default=None, repr=False, compare=False)
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -39,6 +45,43 @@ class Context:
     def steps(self, full: int, quick: int = 5) -> int:
         """A step count: ``full`` normally, a handful in quick mode."""
         return quick if self.quick else full
+
+    def seed(self, base: int, index: int) -> int:
+        """The torch seed of seed index ``index`` for a training whose single-seed run used ``base``."""
+        return base + SEED_STRIDE * index
+
+    def map(self, fn: Callable[..., Any], tasks: list[tuple]) -> list[Any]:
+        """``[fn(*task) for task in tasks]``, spread over ``jobs`` worker processes when ``jobs > 1``.
+
+        ``fn`` must be a module-level function and every task must seed torch itself (the training
+        helpers do), so a result does not depend on which process ran it or what ran there before.
+        """
+        if self.jobs <= 1 or len(tasks) <= 1:
+            return [fn(*task) for task in tasks]
+        if self._pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            # spawn, not fork: a forked torch can deadlock on locks held by the parent's threads
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                initargs=(1,)
+            )
+        return [future.result() for future in [self._pool.submit(fn, *task) for task in tasks]]
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __getstate__(self) -> dict:
+        # a worker gets the settings, not the pool
+        return {**self.__dict__, "_pool": None}
+
+
+#: seed index s adds SEED_STRIDE * s to every seed of a study (weights, minibatch order, noise)
+SEED_STRIDE = 1000
 
 
 @dataclass
@@ -57,6 +100,66 @@ class StudyResult:
     verdict: str  # one line, for the README
     outcome: str  # "bears out", "partly", "does not bear out"
     seconds: float = 0.0
+    claims: list[Claim] = field(default_factory=list)  # each checkable part, per seed
+
+
+@dataclass
+class Claim:
+    """One checkable part of a study's claim and whether it held in each seed's run (a monotonicity or an ordering
+    claim included: its tally is the fraction of seeds in which the order held)."""
+
+    text: str
+    holds: list[bool]
+
+    @property
+    def count(self) -> int:
+        return sum(bool(h) for h in self.holds)
+
+    def tally(self) -> str:
+        return f"{self.count}/{len(self.holds)} seeds"
+
+
+def outcome_of(claims: list[Claim]) -> str:
+    """``"bears out"`` only when every claim holds for every seed; ``"does not bear out"`` when none holds for any
+    seed; ``"partly"`` otherwise (the claims' tallies say how far)."""
+    if all(claim.count == len(claim.holds) for claim in claims):
+        return "bears out"
+    if not any(claim.count for claim in claims):
+        return "does not bear out"
+    return "partly"
+
+
+def claims_text(claims: list[Claim]) -> str:
+    """``"claim a: 3/3 seeds; claim b: 1/3 seeds"``."""
+    text = "; ".join(f"{claim.text}: {claim.tally()}" for claim in claims)
+    return text[:1].upper() + text[1:]
+
+
+def mean_sd(values, fmt: str = "{:.3g}") -> str:
+    """``"mean ± sd"`` over seeds (sample standard deviation); the bare value for one seed."""
+    array = np.asarray(list(values), dtype=float)
+    if array.size <= 1 or bool(np.all(array == array[0])):  # one seed, or a setting (no spread to show)
+        return fmt.format(float(array.mean())) if array.size else "–"
+    return f"{fmt.format(float(array.mean()))} ± {fmt.format(float(array.std(ddof=1)))}"
+
+
+def seed_table(
+    frame: pd.DataFrame, keys: list[str], formats: dict[str, str] | None = None, default: str = "{:.3g}",
+    columns: list[str] | None = None,
+) -> pd.DataFrame:
+    """One row per group of ``keys`` (in first-seen order), each other numeric column as ``"mean ± sd"`` over the
+    seeds (strings, for :func:`markdown_table`); the per-seed values stay in the CSVs."""
+    formats = formats or {}
+    columns = columns or [c for c in frame.columns if c not in keys and c != "seed"
+                          and pd.api.types.is_numeric_dtype(frame[c])]
+    rows = []
+    for group, sub in frame.groupby(keys, sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        row = {key: (f"{value:g}" if isinstance(value, float) else value) for key, value in zip(keys, group)}
+        for column in columns:
+            row[column] = mean_sd(sub[column], formats.get(column, default))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def write_csv(ctx: Context, name: str, rows: list[dict] | pd.DataFrame) -> str:
