@@ -79,7 +79,7 @@ def run_science(
     results: list[StudyResult] = []
     failures: dict[str, str] = {}
     first_error: BaseException | None = None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     load_before = os.getloadavg()
     # Small models run fastest on one thread on a CPU; the GPU path is unaffected.
     with torch_threads(1 if ctx.device.type == "cpu" else torch.get_num_threads()), contextlib.closing(ctx):
@@ -95,7 +95,17 @@ def run_science(
                 continue
             ctx.log(f"study {name}: {result.outcome} ({result.seconds:.0f} s)")
             results.append(result)
-    write_report(ctx, results, time.perf_counter() - start, failures, load=(load_before, os.getloadavg()))
+    # after the workers have exited: their CPU time is counted once they are reaped
+    write_report(ctx, results, time.perf_counter() - start, failures, load=(load_before, os.getloadavg()),
+                 cpu_seconds=_cpu_seconds() - cpu_start)
     if first_error is not None:
         raise first_error
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished worker processes."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))

@@ -21,7 +21,7 @@ def _versions() -> str:
 
 def write_report(
     ctx: Context, results: list[StudyResult], total_seconds: float, failures: dict[str, str],
-    load: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    load: tuple[tuple[float, ...], tuple[float, ...]] | None = None, cpu_seconds: float | None = None,
 ) -> str:
     """Write ``REPORT.md``: the run's conditions, a table of verdicts, then one section per study."""
     n_seeds = len(ctx.seeds)
@@ -50,7 +50,10 @@ def write_report(
            if ctx.data in DEFAULT_DATA else
            f"`{ctx.data}` for studies 2, 3, 4 and 6; scikit-learn's digits for study 1; synthetic data for study 5"),
         f"- Wall time: {total_seconds / 60:.1f} min for all studies with {ctx.jobs} worker process"
-        f"{'es' if ctx.jobs > 1 else ''} of one thread each{conditions}. Per study below.",
+        f"{'es' if ctx.jobs > 1 else ''} of one thread each"
+        + (f", {cpu_seconds / 60:.1f} CPU-minutes in all (what the run costs, less sensitive to other load than the "
+           "wall time)" if cpu_seconds is not None else "")
+        + f"{conditions}. Per study below.",
         "- Reproduce: `python -m bench.science` (or `python -m bench run --suite science`); `--quick` for the smoke path.",
         "",
         "| # | study | outcome | verdict | time |",
