@@ -7,6 +7,7 @@
 
 from . import nn
 from .backend import backend_for, use_backend
+from .betatc import betatc_decomposition, betatc_loss
 from .functional import (
     gaussian_nll,
     gaussian_nll_loss,
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 __all__ = [
     "VAELoss",
     "backend_for",
+    "betatc_decomposition",
+    "betatc_loss",
     "gaussian_nll",
     "gaussian_nll_loss",
     "gaussian_nll_optimal",
