@@ -8,6 +8,7 @@ runs the backend that :func:`fusedvae.backend_for` names on its first tensor. Ba
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType
 
@@ -345,6 +346,21 @@ def _torch_var_shape_rule(input: torch.Tensor, var: torch.Tensor) -> torch.Tenso
     return var
 
 
+def _integer_data_as_float(input: object, target: object, var: object) -> tuple[object, object]:
+    """Integer ``input``/``target`` (counts, labels) in the float dtype torch's arithmetic would give them."""
+    tensors = [t for t in (input, target, var) if isinstance(t, torch.Tensor)]
+    floats = [t.dtype for t in tensors if t.dtype.is_floating_point]
+    dtype = functools.reduce(torch.promote_types, floats) if floats else torch.get_default_dtype()
+
+    def convert(t: object) -> object:
+        # bool data stays rejected, as torch rejects it (no `-` on bool tensors)
+        integer = isinstance(t, torch.Tensor) and not (t.dtype.is_floating_point or t.dtype.is_complex
+                                                       or t.dtype == torch.bool)
+        return t.to(dtype) if integer else t
+
+    return convert(input), convert(target)
+
+
 def gaussian_nll_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -359,22 +375,28 @@ def gaussian_nll_loss(
 
     Same values, gradients (the ``eps`` clamp is invisible to autograd, as in torch), shape rules
     and errors for every input torch accepts; beyond torch, ``var`` may be anything broadcastable
-    to ``input`` (a per-channel ``(1, C, 1, 1)`` for images, say), and ``check_var=False`` skips
-    the negative-variance check, which costs a host synchronisation on a GPU.
+    to ``input`` (a per-channel ``(1, C, 1, 1)`` for images, a 0-dim tensor, a Python int: torch
+    rejects these, pytorch/pytorch#149131), and ``check_var=False`` skips the negative-variance
+    check. Every error torch raises on a bad input is raised here as an instance of torch's class
+    with a message naming the argument (a target that does not broadcast: :class:`~fusedvae.validation.ShapeError`,
+    both the ``ValueError`` fusedvae raises and the ``RuntimeError`` torch raises).
 
     Args:
         input: predicted mean, float tensor.
         target: observations, broadcastable with ``input``.
         var: variance, a tensor broadcastable to ``input`` (after torch's rule: a ``var`` one
-            dimension short of ``input`` gets a trailing 1) or a non-negative float.
+            dimension short of ``input`` gets a trailing 1) or a non-negative number.
         full: add ``log(2 pi) / 2`` per element.
         eps: lower clamp of ``var``.
         reduction: ``"mean"`` (default, as torch), ``"sum"``, ``"none"``, and fusedvae's
             ``"batchmean"`` and ``"per_sample"``.
-        check_var: raise ``ValueError`` on a negative variance, as torch does. The check reads a
-            value from the device: a host synchronisation, and under ``torch.compile`` a graph
-            break (an error with ``fullgraph=True``), as with torch's own function; pass
-            ``False`` in compiled or latency-critical code.
+        check_var: raise ``ValueError`` on a negative variance, as torch does. Eagerly the check
+            reads one value from the device (a host synchronisation, as torch's). Under
+            ``torch.compile`` it is an asynchronous assertion in the graph instead (no graph
+            break, also with ``fullgraph=True``): a negative variance then raises
+            ``RuntimeError`` with the same message when the graph runs on a CPU, and is a
+            device-side assertion on a GPU, which leaves the CUDA context unusable. Pass
+            ``False`` to skip it.
 
     Example::
 
@@ -383,16 +405,23 @@ def gaussian_nll_loss(
         >>> torch.allclose(fv.gaussian_nll_loss(input, target, var), F.gaussian_nll_loss(input, target, var))
         True
     """
-    check.check_tensor("input", input)
-    check.check_tensor("target", target)
+    input, target = _integer_data_as_float(input, target, var)
+    check.check_tensor("input", input, torch_classes=True)
+    check.check_tensor("target", target, torch_classes=True)
     if isinstance(var, (int, float)) and not isinstance(var, bool):
         if var < 0:
             raise ValueError("var has negative entry/entries")
         var = torch.tensor(float(var), dtype=input.dtype, device=input.device)
-    check.check_tensor("var", var)
+    check.check_tensor("var", var, torch_classes=True)
     check.check_same_device({"input": input, "target": target, "var": var})
-    if check_var and bool(torch.any(var < 0)):
-        raise ValueError("var has negative entry/entries")
+    if isinstance(eps, (bool, str)) or not isinstance(eps, (int, float, torch.Tensor)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")  # torch: clamp_'s TypeError
+    if check_var:
+        if torch.compiler.is_compiling():
+            # A host read of var would break the graph; an assertion the graph carries does not.
+            torch._assert_async(torch.logical_not(torch.any(var < 0)), "var has negative entry/entries")
+        elif bool(torch.any(var < 0)):
+            raise ValueError("var has negative entry/entries")
     var = _torch_var_shape_rule(input, var)
     if check.broadcast_shape(input.shape, var.shape) != input.shape:
         raise ValueError(
@@ -400,11 +429,15 @@ def gaussian_nll_loss(
             f"{tuple(input.shape)}"
         )
     shape = check.broadcast_shape(input.shape, target.shape)
-    if shape is None:
-        raise ValueError(
+    if shape is None:  # torch fails in its arithmetic, with a RuntimeError
+        raise check.ShapeError(
             f"target of shape {tuple(target.shape)} does not broadcast with input of shape {tuple(input.shape)}"
         )
-    if not isinstance(reduction, str) or reduction not in check.REDUCTIONS:
+    if not isinstance(reduction, str):  # torch: TypeError from `reduction + " is not valid"`
+        raise check.ReductionTypeError(
+            f"reduction must be a str, one of {check.REDUCTIONS}, got {type(reduction).__name__}"
+        )
+    if reduction not in check.REDUCTIONS:
         raise ValueError(f"{reduction} is not valid: reduction must be one of {check.REDUCTIONS}")
     check.check_batched("input", torch.empty(shape, device="meta"), reduction)
     loss = _implementation(input).gaussian_nll_var(

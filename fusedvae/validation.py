@@ -4,18 +4,57 @@ from __future__ import annotations
 
 import torch
 
+class ShapeError(ValueError, RuntimeError):
+    """Shapes that do not broadcast: a ``ValueError`` naming the argument, and the ``RuntimeError`` torch raises.
+
+    torch reports the same mistake from inside its arithmetic as a ``RuntimeError``; code written
+    for torch (``except RuntimeError``) catches this too.
+    """
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensors on different devices: a ``ValueError`` naming them, and the ``RuntimeError`` torch raises."""
+
+
+class DtypeError(TypeError, NotImplementedError):
+    """A tensor whose dtype an op cannot take: a ``TypeError``, and what torch raises for it.
+
+    torch raises ``RuntimeError`` for an integer variance in ``gaussian_nll_loss`` and
+    ``NotImplementedError`` (a ``RuntimeError``) for a complex one; this is an instance of both.
+    """
+
+
+class ReductionTypeError(ValueError, TypeError):
+    """A ``reduction`` that is not a str: fusedvae's ``ValueError`` for a bad reduction, and torch's ``TypeError``."""
+
+
+class NotATensorError(TypeError, AttributeError):
+    """A tensor argument that is not a tensor: a ``TypeError``, and the ``AttributeError`` torch raises for it.
+
+    (``torch.nn.functional.gaussian_nll_loss`` reads ``input.size()`` and so raises ``AttributeError``
+    for a list ``input``.)
+    """
+
+
 #: Reductions every op accepts; ``batchmean`` (sum / size of dim 0) is the per-datapoint ELBO term.
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
 #: The KL also reports per-latent-dimension sums over the batch.
 KL_REDUCTIONS = REDUCTIONS + ("per_dim",)
 
 
-def check_tensor(name: str, value: object) -> torch.Tensor:
-    """``value`` must be a floating-point tensor."""
+def check_tensor(name: str, value: object, *, torch_classes: bool = False) -> torch.Tensor:
+    """``value`` must be a floating-point tensor, else a ``TypeError``.
+
+    ``torch_classes=True`` (for drop-ins of torch functions) raises :class:`NotATensorError` and
+    :class:`DtypeError`, TypeErrors that are also what torch raises; not the default, since an
+    ``AttributeError`` or ``NotImplementedError`` means something else to ``hasattr`` and fallbacks.
+    """
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        error = NotATensorError if torch_classes else TypeError
+        raise error(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        error = DtypeError if torch_classes else TypeError
+        raise error(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     return value
 
 
@@ -25,7 +64,7 @@ def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
         listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"tensors must be on one device, got {listing}")
+        raise DeviceError(f"tensors must be on one device, got {listing}")
 
 
 def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:

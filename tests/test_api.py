@@ -109,25 +109,115 @@ def test_gaussian_nll_loss_gradient_passes_through_the_eps_clamp(gen, eps):
         assert_close(g_got[1][clamped], (g * 0.5 * (1 / eps - d2 / eps**2))[clamped])
 
 
-def test_gaussian_nll_loss_same_errors_as_torch():
-    inp, tgt = torch.randn(10, 2, 3), torch.randn(10, 2, 3)
-    cases = [
-        # (var, kwargs, message torch gives)
-        (torch.rand(10, 2, 3), {"reduction": "abc"}, "abc is not valid"),
-        (torch.rand(10, 2, 2), {}, "var is of incorrect size"),
-        (-torch.rand(10, 2, 3), {}, "var has negative entry"),
-        (-1.0, {}, "var has negative entry"),
+def _bad_gaussian_nll_loss_inputs():
+    """(name, input, target, var, kwargs, what fusedvae's message says): each one torch raises on."""
+    inp, tgt, var = torch.randn(10, 2, 3), torch.randn(10, 2, 3), torch.rand(10, 2, 3)
+    return [
+        ("unknown reduction", inp, tgt, var, {"reduction": "abc"}, "abc is not valid"),
+        ("reduction not a str", inp, tgt, var, {"reduction": None}, "reduction must be a str"),
+        ("var of the wrong size", inp, tgt, torch.rand(10, 2, 2), {}, r"var is of incorrect size.*\(10, 2, 2\)"),
+        ("var larger than input", torch.randn(3), torch.randn(3), torch.rand(2, 3), {}, "var is of incorrect size"),
+        ("negative var", inp, tgt, -var, {}, "var has negative entry"),
+        ("negative float var", inp, tgt, -1.0, {}, "var has negative entry"),
+        ("var None", inp, tgt, None, {}, "var must be a torch.Tensor"),
+        ("var a list", inp, tgt, [1.0], {}, "var must be a torch.Tensor"),
+        ("var a bool", inp, tgt, True, {}, "var must be a torch.Tensor"),
+        ("var a numpy float32", inp, tgt, np.float32(0.5), {}, "var must be a torch.Tensor"),
+        ("integer var tensor", inp, tgt, torch.ones(10, 2, 3, dtype=torch.long), {}, "var must be a floating-point"),
+        ("complex var", inp, tgt, torch.ones(10, 2, 3, dtype=torch.cfloat), {}, "var must be a floating-point"),
+        ("target that does not broadcast", inp, torch.randn(10, 2, 2), var, {}, r"target of shape \(10, 2, 2\)"),
+        ("target a list", inp, [1.0], var, {}, "target must be a torch.Tensor"),
+        ("input a list", [1.0], tgt, var, {}, "input must be a torch.Tensor"),
+        ("bool input", torch.ones(10, 2, 3, dtype=torch.bool), tgt, var, {}, "input must be a floating-point"),
+        ("eps a str", inp, tgt, var, {"eps": "a"}, "eps must be a float"),
     ]
-    for var, kwargs, message in cases:
-        with pytest.raises(ValueError, match=message):
-            F.gaussian_nll_loss(inp, tgt, var, **kwargs)
-        with pytest.raises(ValueError, match=message) as info:
-            fv.gaussian_nll_loss(inp, tgt, var, **kwargs)
-        if "size" in message:
-            assert "(10, 2, 2)" in str(info.value)
-    # A target of the wrong shape: torch fails while broadcasting (RuntimeError); fusedvae names it.
-    with pytest.raises(ValueError, match="target"):
-        fv.gaussian_nll_loss(inp, torch.randn(10, 2, 2), torch.rand(10, 2, 3))
+
+
+@pytest.mark.parametrize("case", _bad_gaussian_nll_loss_inputs(), ids=lambda case: case[0])
+def test_gaussian_nll_loss_raises_an_instance_of_the_class_torch_raises(case):
+    _, inp, tgt, var, kwargs, message = case
+    with pytest.raises(Exception) as theirs:
+        F.gaussian_nll_loss(inp, tgt, var, **kwargs)
+    with pytest.raises(Exception, match=message) as ours:
+        fv.gaussian_nll_loss(inp, tgt, var, **kwargs)
+    assert isinstance(ours.value, type(theirs.value)), (type(ours.value).__mro__, type(theirs.value))
+    assert isinstance(ours.value, (ValueError, TypeError))  # and fusedvae's own contract
+
+
+def test_gaussian_nll_loss_error_classes_are_both():
+    from fusedvae.validation import DeviceError, DtypeError, NotATensorError, ShapeError
+
+    for cls, bases in ((ShapeError, (ValueError, RuntimeError)), (DeviceError, (ValueError, RuntimeError)),
+                       (DtypeError, (TypeError, RuntimeError, NotImplementedError)),
+                       (NotATensorError, (TypeError, AttributeError))):
+        assert all(issubclass(cls, base) for base in bases)
+    # other ops keep plain TypeErrors: an AttributeError would mislead hasattr
+    with pytest.raises(TypeError) as info:
+        fv.kl_normal([1.0], torch.zeros(1))
+    assert type(info.value) is TypeError
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gaussian_nll_loss_scalar_var_forms(gen, reduction):
+    """A float, an int and a 0-dim tensor var (torch rejects the last two, pytorch/pytorch#149131)."""
+    inp, tgt = randn(gen, 4, 3, 2, requires_grad=True), randn(gen, 4, 3, 2)
+    want = F.gaussian_nll_loss(inp, tgt, 0.7, full=True, reduction=reduction)
+    assert_close(fv.gaussian_nll_loss(inp, tgt, 0.7, full=True, reduction=reduction), want)
+    var = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="var is of incorrect size"):
+        F.gaussian_nll_loss(inp, tgt, var)
+    got = fv.gaussian_nll_loss(inp, tgt, var, full=True, reduction=reduction)
+    expanded = var.expand(inp.shape)
+    want = F.gaussian_nll_loss(inp, tgt, expanded, full=True, reduction=reduction)
+    assert got.shape == want.shape
+    assert_close(got, want)
+    g = randn(gen, *want.shape, shift=0.5)
+    (g_got,), (g_want,) = grads(got, [var], g), grads(want, [var], g)
+    assert g_got.shape == () and g_got != 0
+    assert_close(g_got, g_want)
+    with pytest.raises(TypeError):
+        F.gaussian_nll_loss(inp, tgt, 2)
+    assert_close(fv.gaussian_nll_loss(inp, tgt, 2, reduction=reduction),
+                 F.gaussian_nll_loss(inp, tgt, 2.0, reduction=reduction))
+    with pytest.raises(ValueError, match="var has negative"):
+        fv.gaussian_nll_loss(inp, tgt, torch.tensor(-0.5, dtype=F64))
+
+
+def test_gaussian_nll_loss_integer_data_as_torch(gen):
+    counts = torch.randint(0, 6, (4, 3), generator=gen)
+    mean = randn(gen, 4, 3, requires_grad=True)
+    for inp, tgt, var in ((mean, counts, torch.rand(4, 3, dtype=F64)), (counts, counts.flip(0), torch.rand(4, 1)),
+                          (counts, mean, torch.rand(4, 3) + 0.5)):
+        got = fv.gaussian_nll_loss(inp, tgt, var, reduction="none")
+        want = F.gaussian_nll_loss(inp, tgt, var, reduction="none")
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_gaussian_nll_loss_check_var_compiles_without_a_graph_break(gen, compiler):
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(lambda i, t, v: fv.gaussian_nll_loss(i, t, v, full=True), fullgraph=True, backend=compiler)
+        inp, tgt = randn(gen, 4, 3, requires_grad=True), randn(gen, 4, 3)
+        var = uniform(gen, 4, 1, low=0.1, high=2.0, requires_grad=True)
+        got, want = fn(inp, tgt, var), F.gaussian_nll_loss(inp, tgt, var, full=True)
+        assert_close(got, want)
+        g = randn(gen, shift=0.5)
+        for a, b in zip(grads(got, [inp, var], g), grads(want, [inp, var], g)):
+            assert_close(a, b)
+        bad = var.detach().clone()
+        bad[2, 0] = -0.1
+        with pytest.raises(RuntimeError, match="var has negative entry"):  # the assertion, when the graph runs
+            fn(inp, tgt, bad)
+        # NaN is not negative: no assertion, as torch's check (NaN < 0 is False)
+        nan = var.detach().clone()
+        nan[1, 0] = float("nan")
+        assert torch.isnan(fn(inp, tgt, nan))
+        counts = torch._dynamo.utils.counters["graph_break"]
+        assert not counts, dict(counts)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_gaussian_nll_loss_accepts_per_channel_var_that_torch_rejects(gen):
@@ -495,10 +585,11 @@ def test_integer_dtypes_are_rejected(gen, dtype):
         (lambda: fv.gaussian_nll(good, good, torch.zeros((), dtype=dtype)), "log_sigma"),
         (lambda: fv.gaussian_nll_optimal(good, bad), "mean"),
         (lambda: fv.optimal_log_sigma(bad, good), "x"),
-        (lambda: fv.gaussian_nll_loss(bad, good, good.abs()), "input"),
-        (lambda: fv.gaussian_nll_loss(good, bad, good.abs()), "target"),
         (lambda: fv.gaussian_nll_loss(good, good, bad), "var"),
     ]
+    if dtype is torch.bool:  # integer data torch's function takes, and so does the drop-in; bool data it rejects
+        cases += [(lambda: fv.gaussian_nll_loss(bad, good, good.abs()), "input"),
+                  (lambda: fv.gaussian_nll_loss(good, bad, good.abs()), "target")]
     for call, name in cases:
         with pytest.raises(TypeError, match=rf"^{name} must be a floating-point tensor.*{dtype}"):
             call()
@@ -709,15 +800,16 @@ def no_override(monkeypatch):
     return monkeypatch
 
 
-def test_backend_default_is_auto_and_cpu_runs_the_reference(no_override):
-    assert fv.backend_for(torch.zeros(3)) == "reference"
+def test_backend_default_is_auto_and_cpu_runs_native(no_override):
+    assert fv.backend_for(torch.zeros(3)) == "native"
     assert fv.backend_for(torch.zeros(3, device="meta")) == "reference"
 
 
-@pytest.mark.parametrize("value", ["auto", "reference", " Reference ", "AUTO"])
-def test_backend_env_values_on_cpu(no_override, value):
+@pytest.mark.parametrize("value, expected", [("auto", "native"), ("reference", "reference"),
+                                             (" Reference ", "reference"), ("AUTO", "native"), ("native", "native")])
+def test_backend_env_values_on_cpu(no_override, value, expected):
     no_override.setenv("FUSEDVAE_BACKEND", value)
-    assert fv.backend_for(torch.zeros(3)) == "reference"
+    assert fv.backend_for(torch.zeros(3)) == expected
     assert torch.isfinite(fv.kl_normal(torch.randn(2, 3), torch.randn(2, 3)))
 
 
@@ -758,10 +850,10 @@ def test_use_backend_nests_and_restores(no_override):
     with fv.use_backend("reference"):
         assert fv.backend_for(cpu) == "reference"
         with fv.use_backend("auto"):
-            assert fv.backend_for(cpu) == "reference"
+            assert fv.backend_for(cpu) == "native"
             with fv.use_backend("reference"):
                 assert fv.backend_for(cpu) == "reference"
-            assert fv.backend_for(cpu) == "reference"
+            assert fv.backend_for(cpu) == "native"
         if expected_triton:
             with fv.use_backend("triton"):
                 assert fv.backend_for(cpu) == "triton"
