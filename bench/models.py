@@ -187,14 +187,14 @@ class LatentDiffusionAutoencoder(nn.Module):
 
     def __init__(self, *, kl_weight: float = 1e-4, **config) -> None:
         super().__init__()
-        from fusedvae.compat.autoencoderkl import tiny_autoencoderkl
+        from .autoencoderkl import tiny_autoencoderkl
 
         self.vae = tiny_autoencoderkl(**config)
         self.logvar = nn.Parameter(torch.zeros(()))
         self.kl_weight = kl_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fusedvae.compat.autoencoderkl import latent_diffusion_losses
+        from .autoencoderkl import latent_diffusion_losses
         from fusedvae.compat.diffusers import is_patched
 
         return latent_diffusion_losses(self.vae, self.logvar, 2 * x - 1, fused=is_patched(),

@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench.data import synthetic_images
-from fusedvae.compat import autoencoderkl as akl
+from bench import autoencoderkl as akl
 from fusedvae.compat.diffusers import patch
 
 

@@ -93,7 +93,7 @@ def test_autoencoderkl_row_times_diffusers_against_the_patched_posterior():
     from bench.models import model_specs
     from bench.providers import provider_context
     from fusedvae.compat import diffusers as fvd
-    from fusedvae.compat.autoencoderkl import ldm_nll_eager, ldm_nll_fused
+    from bench.autoencoderkl import ldm_nll_eager, ldm_nll_fused
 
     spec = next(s for s in model_specs("tiny", "cpu") if s.model == "autoencoderkl")
     torch.manual_seed(0)

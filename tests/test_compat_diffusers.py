@@ -15,7 +15,7 @@ import fusedvae as fv  # noqa: E402
 from fusedvae import backend as fv_backend  # noqa: E402
 from diffusers.models.autoencoders import autoencoder_kl as diffusers_akl  # noqa: E402
 from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
-from fusedvae.compat import autoencoderkl as akl  # noqa: E402
+from bench import autoencoderkl as akl  # noqa: E402
 from fusedvae.compat import diffusers as fvd  # noqa: E402
 
 Original = diffusers_vae.DiagonalGaussianDistribution
@@ -250,6 +250,86 @@ def test_non_4d_latents_keep_diffusers_reduction_dims():
     torch.testing.assert_close(ours.nll(sample), theirs.nll(sample), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ours.nll(sample, dims=[1, 2, 3, 4]), theirs.nll(sample, dims=[1, 2, 3, 4]),
                                rtol=1e-5, atol=1e-4)
+
+
+def _diffusers_formula_kl(params: torch.Tensor) -> torch.Tensor:
+    """diffusers' own elementwise KL to N(0, I) (its clamp included), not yet summed."""
+    q = Original(params)
+    return 0.5 * (torch.pow(q.mean, 2) + q.var - 1.0 - q.logvar)
+
+
+@pytest.mark.usefixtures("backend")
+def test_per_sample_sums_video_latents_over_every_non_batch_dim():
+    params = _params((2, 4, 3, 5, 6), seed=40, requires_grad=True)  # (B, 2C, T, H, W)
+    q = Fused(params, per_sample=True)
+    assert q.per_sample and not Fused(params).per_sample
+    kl, want = q.kl(), _diffusers_formula_kl(params).sum(dim=[1, 2, 3, 4])
+    assert kl.shape == (2,)
+    torch.testing.assert_close(kl, want, rtol=1e-5, atol=1e-4)
+    weights = torch.rand(2, generator=_seeded(41)) + 0.5
+    (got,) = torch.autograd.grad((kl * weights).sum(), params)
+    (expected,) = torch.autograd.grad((want * weights).sum(), params)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    sample = Original(params).sample(generator=_seeded(42))
+    full = Original(params).nll(sample, dims=[1, 2, 3, 4])
+    torch.testing.assert_close(q.nll(sample), full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(q.nll(sample, dims=[1, 2, 3]), Original(params).nll(sample), rtol=1e-5, atol=1e-4)
+    other = Fused(_params((2, 4, 3, 5, 6), seed=43), per_sample=True)
+    torch.testing.assert_close(q.kl(other), Original(params).kl(Original(other.parameters)).sum(-1),
+                               rtol=1e-5, atol=1e-4)
+    # 4-D latents: diffusers' values either way
+    image = _params((2, 4, 5, 6), seed=44)
+    torch.testing.assert_close(Fused(image, per_sample=True).kl(), Original(image).kl(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(Fused(image, per_sample=True).kl(), Fused(image).kl())
+
+
+def test_patch_per_sample_sets_the_default_and_restores_it():
+    params = _params((2, 4, 3, 5, 6), seed=45)
+    with pytest.raises(TypeError, match="per_sample"):
+        fvd.patch(per_sample="yes")
+    assert not fvd.is_patched()
+    with fvd.patch(per_sample=True) as handle:
+        assert handle.per_sample and Fused(params).per_sample
+        assert not Fused(params, per_sample=False).per_sample  # an explicit argument wins
+        with fvd.patch():
+            assert not Fused(params).per_sample
+        assert Fused(params).per_sample
+    assert not Fused(params).per_sample
+
+
+@pytest.fixture(scope="module")
+def video_model():
+    """A tiny diffusers video autoencoder (Wan's causal 3-D VAE) from a config: latents (B, C, T, H, W)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, attn_scales=[],
+                            temperal_downsample=[False]).eval()
+
+
+@pytest.mark.usefixtures("backend")
+def test_video_autoencoder_per_sample_kl_and_encoder_gradients(video_model):
+    video = torch.rand(2, 3, 5, 8, 8, generator=_seeded(46)) * 2 - 1
+    results = {}
+    for name in ("original", "default", "per_sample"):
+        video_model.zero_grad(set_to_none=True)
+        context = _nullcontext() if name == "original" else fvd.patch(per_sample=name == "per_sample")
+        with context:
+            posterior = video_model.encode(video).latent_dist
+        assert type(posterior) is (Original if name == "original" else Fused)
+        assert posterior.mean.dim() == 5
+        kl = posterior.kl() if name != "original" else _diffusers_formula_kl(posterior.parameters).sum(dim=[1, 2, 3, 4])
+        if name == "default":  # diffusers' dims [1, 2, 3]: one value per (sample, width column)
+            assert kl.shape == Original(posterior.parameters).kl().shape == (2, posterior.mean.shape[-1])
+            torch.testing.assert_close(kl, Original(posterior.parameters).kl(), rtol=1e-5, atol=1e-4)
+            continue
+        assert kl.shape == (2,)
+        (kl * torch.tensor([0.7, 1.3])).sum().backward()
+        results[name] = kl.detach(), {n: p.grad.clone() for n, p in video_model.named_parameters()
+                                      if p.grad is not None and n.startswith(("encoder.", "quant_conv."))}
+    (v_orig, g_orig), (v_ours, g_ours) = results["original"], results["per_sample"]
+    torch.testing.assert_close(v_ours, v_orig, rtol=1e-5, atol=1e-4)
+    _assert_grads_close(g_ours, g_orig)
 
 
 @pytest.mark.usefixtures("backend")

@@ -2,8 +2,6 @@
 
 - :mod:`fusedvae.compat.diffusers`: ``DiagonalGaussianDistribution`` and ``patch()`` for
   diffusers' ``AutoencoderKL`` (and every other diffusers autoencoder that uses that class).
-- :mod:`fusedvae.compat.autoencoderkl`: a tiny ``AutoencoderKL`` and its latent-diffusion training
-  step, eager and fused, shared by the example and the training-loop benchmark.
 
 Nothing here is imported by ``import fusedvae``, and this package imports no third-party library:
 each submodule imports its library when it is itself imported.

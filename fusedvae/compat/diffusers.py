@@ -11,6 +11,9 @@ autoencoder built on the same class)::
         z = posterior.sample()                     # fusedvae's Philox sample, differentiable
         kl = posterior.kl()                        # exact near collapse, summed over dims [1, 2, 3]
 
+    with fvd.patch(per_sample=True):                                      # video latents (B, C, T, H, W)
+        kl = vae.encode(video).latent_dist.kl()    # one KL per sample, summed over C, T, H, W
+
 The class keeps diffusers' constructor, attributes, method signatures, return shapes and values;
 what differs:
 
@@ -21,6 +24,10 @@ what differs:
 - ``std`` and ``var`` are computed when read, never stored (diffusers materialises both).
 - deterministic ``kl()``/``nll()`` return a zero of shape ``(1,)`` on the posterior's device and in
   its dtype (diffusers' is a float32 CPU tensor, which cannot be added to a CUDA loss).
+- ``per_sample=True`` (an argument of the class and of :func:`patch`) sums ``kl()`` and ``nll()``
+  over every non-batch dim: one value per sample for 5-D video latents ``(B, C, T, H, W)``, where
+  diffusers' hard-coded dims ``[1, 2, 3]`` give one value per (sample, width column). 4-D latents
+  give diffusers' values either way.
 
 This module imports diffusers; ``import fusedvae`` never imports it.
 """
@@ -86,6 +93,10 @@ class DiagonalGaussianDistribution(DiagonalGaussian, OriginalDiagonalGaussianDis
         parameters: ``(B, 2C, ...)``: the mean and the log-variance, chunked from dim 1.
         deterministic: a point mass at the mean: ``std`` and ``var`` are zeros, ``sample()`` is the
             mean, ``kl()`` and ``nll()`` are 0.
+        per_sample: ``kl()`` and ``nll()`` (without ``dims``) sum over every non-batch dim, shape
+            ``(B,)`` for latents of any rank (video: ``(B, C, T, H, W)``); ``False`` keeps diffusers'
+            dims ``[1, 2, 3]``. ``None`` (the default, and what diffusers' own code passes) takes
+            the setting of the innermost active :func:`patch` (``False`` outside one).
 
     Attributes:
         parameters, mean, deterministic: as diffusers.
@@ -105,11 +116,14 @@ class DiagonalGaussianDistribution(DiagonalGaussian, OriginalDiagonalGaussianDis
         (torch.Size([2, 4, 4, 4]), torch.Size([2]), torch.Size([2]))
     """
 
-    def __init__(self, parameters: torch.Tensor, deterministic: bool = False) -> None:
+    def __init__(
+        self, parameters: torch.Tensor, deterministic: bool = False, *, per_sample: bool | None = None
+    ) -> None:
         self.parameters = parameters
         mean, logvar = torch.chunk(parameters, 2, dim=1)
         super().__init__(mean, torch.clamp(logvar, _CLAMP_MIN, _CLAMP_MAX))
         self.deterministic = deterministic
+        self.per_sample = _patched_per_sample if per_sample is None else bool(per_sample)
 
     @property
     def std(self) -> torch.Tensor:
@@ -147,21 +161,27 @@ class DiagonalGaussianDistribution(DiagonalGaussian, OriginalDiagonalGaussianDis
         return self.rsample(generator=_generator_for(generator, self.mean.device))
 
     def kl(self, other: DiagonalGaussian | OriginalDiagonalGaussianDistribution | None = None) -> torch.Tensor:
-        """``KL(self || other)`` summed over dims [1, 2, 3]; ``other`` defaults to N(0, I).
+        """``KL(self || other)``, ``other`` defaulting to N(0, I), summed over [1, 2, 3] (all but 0 with ``per_sample``).
 
         ``other`` is anything with ``mean`` and ``logvar`` (this class, diffusers', fusedvae's
         DiagonalGaussian); its ``deterministic`` is not consulted. Exact near collapse.
         """
         if self.deterministic:
             return self._zero()
-        if self.mean.dim() == 4:
+        if self.per_sample or self.mean.dim() == 4:
             return super().kl(other, reduction="per_sample")
         return super().kl(other, reduction="none").sum(dim=list(_DEFAULT_DIMS))
 
-    def nll(self, sample: torch.Tensor, dims: Sequence[int] = [1, 2, 3]) -> torch.Tensor:  # noqa: B006 (diffusers' signature)
-        """``-log q(sample)`` with the ``log(2 pi)/2`` constant, summed over ``dims``."""
+    def nll(self, sample: torch.Tensor, dims: Sequence[int] | None = None) -> torch.Tensor:
+        """``-log q(sample)`` with the ``log(2 pi)/2`` constant, summed over ``dims``.
+
+        ``dims`` defaults to diffusers' ``[1, 2, 3]``, or every non-batch dim with ``per_sample``.
+        """
         if self.deterministic:
             return self._zero()
+        if dims is None:
+            ndim = sample.dim() if isinstance(sample, torch.Tensor) else 0
+            dims = list(range(1, ndim)) if self.per_sample else list(_DEFAULT_DIMS)
         ndim = sample.dim() if isinstance(sample, torch.Tensor) else 0
         if ndim > 1 and _normalise_dims(dims, ndim) == list(range(1, ndim)):
             return super().nll(sample, reduction="per_sample")
@@ -177,6 +197,8 @@ class DiagonalGaussianDistribution(DiagonalGaussian, OriginalDiagonalGaussianDis
 _ATTRIBUTE = "DiagonalGaussianDistribution"
 _lock = threading.RLock()
 _depth = 0
+#: What a posterior built with ``per_sample=None`` (as diffusers builds it) uses: the innermost patch's setting.
+_patched_per_sample = False
 
 
 def _diffusers_modules() -> list[object]:
@@ -208,14 +230,18 @@ def is_patched() -> bool:
 class DiffusersPatch:
     """The handle :func:`patch` returns: a context manager, or call :meth:`undo` (idempotent)."""
 
-    def __init__(self) -> None:
-        global _depth
+    def __init__(self, per_sample: bool = False) -> None:
+        global _depth, _patched_per_sample
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample must be a bool, got {type(per_sample).__name__}")
         from diffusers.models.autoencoders import autoencoder_kl  # noqa: F401 - load AutoencoderKL's module first
 
         with _lock:
             if _depth == 0:
                 _swap(OriginalDiagonalGaussianDistribution, DiagonalGaussianDistribution)
             _depth += 1
+            self._previous_per_sample, _patched_per_sample = _patched_per_sample, per_sample
+        self.per_sample = per_sample
         self._active = True
 
     @property
@@ -224,12 +250,13 @@ class DiffusersPatch:
 
     def undo(self) -> None:
         """Restore diffusers' class (once the outermost of nested patches is undone)."""
-        global _depth
+        global _depth, _patched_per_sample
         with _lock:
             if not self._active:
                 return
             self._active = False
             _depth -= 1
+            _patched_per_sample = self._previous_per_sample
             if _depth == 0:
                 # also the modules diffusers imported lazily while patched: they bound the fusedvae class
                 _swap(DiagonalGaussianDistribution, OriginalDiagonalGaussianDistribution)
@@ -241,14 +268,20 @@ class DiffusersPatch:
         self.undo()
 
 
-def patch() -> DiffusersPatch:
+def patch(per_sample: bool = False) -> DiffusersPatch:
     """Make diffusers build fusedvae's :class:`DiagonalGaussianDistribution`, until undone.
+
+    Args:
+        per_sample: the posteriors diffusers builds meanwhile sum ``kl()`` and ``nll()`` over
+            every non-batch dim, one value per sample (for video autoencoders, whose latents are
+            ``(B, C, T, H, W)``); ``False`` keeps diffusers' dims ``[1, 2, 3]``.
 
     Rebinds ``DiagonalGaussianDistribution`` in every loaded diffusers module (``vae``, where it
     is defined; ``autoencoder_kl``, where ``AutoencoderKL`` looks it up; the other autoencoders);
     modules diffusers imports later pick it up from ``vae``. Undoing restores the original
     everywhere, also on an exception inside the ``with`` block. Patches nest; the outermost undo
-    restores. Code outside diffusers that imported the class by name keeps what it imported.
+    restores, and each undo restores the ``per_sample`` setting its patch replaced. Code outside
+    diffusers that imported the class by name keeps what it imported.
 
     Example::
 
@@ -263,4 +296,4 @@ def patch() -> DiffusersPatch:
         >>> handle = fvd.patch()          # or as a plain call
         >>> handle.undo()
     """
-    return DiffusersPatch()
+    return DiffusersPatch(per_sample)

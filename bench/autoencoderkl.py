@@ -1,8 +1,9 @@
 """A tiny diffusers ``AutoencoderKL`` and its latent-diffusion training step, eager and fused.
 
-Shared by ``examples/train_autoencoderkl.py`` and the training-loop benchmark::
+Benchmark scaffolding, not part of the package: shared by ``examples/train_autoencoderkl.py``, the
+training-loop benchmark and the tests, from a checkout::
 
-    from fusedvae.compat import autoencoderkl as akl
+    from bench import autoencoderkl as akl
     from fusedvae.compat.diffusers import patch
 
     step = akl.AutoencoderKLTrainStep(akl.tiny_autoencoderkl().to(device), fused=True)
@@ -32,8 +33,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .. import functional as fvf
-from .diffusers import DiagonalGaussianDistribution
+from fusedvae import functional as fvf
+from fusedvae.compat.diffusers import DiagonalGaussianDistribution
 
 __all__ = [
     "TINY_CONFIG", "AutoencoderKLTrainStep", "StepLosses", "latent_diffusion_losses", "ldm_nll_eager", "ldm_nll_fused",
