@@ -77,7 +77,7 @@ def _decompose(model: MLPVAE, x: torch.Tensor, repeats: int, batch: int, seed: i
         index = torch.randperm(n, generator=gen)[: min(batch, n)].to(x.device)
         mu, logvar = mu_all[index], logvar_all[index]
         z = fv.rsample(mu, logvar)
-        terms = streaming_betatc_decomposition(z, mu, logvar, n, sampling="mss", block_size=256)
+        terms = streaming_betatc_decomposition(z, mu, logvar, n, sampling="mss", block_size=512)
         samples.append(
             [float(terms.mutual_information), float(terms.total_correlation), float(terms.dimensionwise_kl),
              float(sum(terms)), float(fv.kl_normal(mu, logvar))]
