@@ -1,0 +1,118 @@
+"""The short table ``scripts/gpu_run.sh`` prints last: each step's outcome, then the headline figures.
+
+    python scripts/gpu_summary.py RESULTS_DIR --steps STEPS.tsv [--out SUMMARY.md]
+
+``STEPS.tsv`` has one line per step: name, status (ok, FAIL, TIMEOUT, skip), seconds, detail.
+From ``RESULTS_DIR/micro.csv``: per op variant and dtype, at its largest size in ``full`` mode
+(forward + backward), fusedvae's time, its fraction of the copy floor and its speed-up over the
+unfused providers. From ``train.csv``: per model, each provider's median step and fusedvae's speed-up.
+Reads only the standard library, so it runs wherever the run did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+# the unfused providers under their current names and the names they had before
+TORCH = ("torch", "eager")
+TORCH_COMPILE = ("torch+compile", "compile")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(value: float, spec: str = ".3g", suffix: str = "") -> str:
+    return "–" if math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
+def _time(rows: list[dict], names: tuple[str, ...], column: str) -> float:
+    for row in rows:
+        if row.get("provider") in names and not row.get("note"):
+            return _float(row.get(column))
+    return math.nan
+
+
+def micro_table(rows: list[dict]) -> list[str]:
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        if row.get("mode") == "full":
+            groups.setdefault((row["op"], row["variant"], row["dtype"]), []).append(row)
+    lines = ["| op:variant | dtype | shape | MB moved | fusedvae ms | % of copy | × torch | × torch+compile | saved MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (op, variant, dtype), group in groups.items():
+        largest = max(_float(r.get("numel")) for r in group)
+        at = [r for r in group if _float(r.get("numel")) == largest]
+        fused = next((r for r in at if r.get("provider") == "fusedvae"), {})
+        ms = _float(fused.get("time_ms_p50")) if not fused.get("note") else math.nan
+        lines.append(
+            f"| {op}:{variant} | {dtype} | {at[0].get('shape', '')} | {_fmt(_float(fused.get('bytes_min')) / 1e6, '.0f')} "
+            f"| {_fmt(ms)} | {_fmt(100 * _float(fused.get('roofline_fraction')), '.0f', '%')} "
+            f"| {_fmt(_time(at, TORCH, 'time_ms_p50') / ms, '.2f', '×')} "
+            f"| {_fmt(_time(at, TORCH_COMPILE, 'time_ms_p50') / ms, '.2f', '×')} "
+            f"| {_fmt(_float(fused.get('saved_mb')), '.3g')} |")
+    return lines if len(lines) > 2 else ["(no micro-benchmark rows)"]
+
+
+def train_table(rows: list[dict]) -> list[str]:
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["variant"], row["dtype"]), []).append(row)
+    providers = list(dict.fromkeys(row["provider"] for row in rows))
+    lines = ["| model | dtype | " + " | ".join(f"{p} ms" for p in providers) + " | fusedvae × torch | "
+             "fusedvae × torch+compile |", "| --- " * (len(providers) + 4) + "|"]
+    for (model, variant, dtype), group in groups.items():
+        step = {p: _time(group, (p,), "step_ms_p50") for p in providers}
+        fused = step.get("fusedvae", math.nan)
+        best_fused = min((v for p, v in step.items() if p.startswith("fusedvae") and not math.isnan(v)),
+                         default=math.nan)
+        lines.append(f"| {model}:{variant} | {dtype} | " + " | ".join(_fmt(step[p]) for p in providers)
+                     + f" | {_fmt(_time(group, TORCH, 'step_ms_p50') / fused, '.2f', '×')}"
+                     + f" | {_fmt(_time(group, TORCH_COMPILE, 'step_ms_p50') / best_fused, '.2f', '×')} |")
+    return lines if len(lines) > 2 else ["(no training rows)"]
+
+
+def steps_table(path: Path) -> list[str]:
+    lines = ["| step | status | s | detail |", "| --- | --- | --- | --- |"]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            name, status, seconds, detail = (line.split("\t") + ["", "", ""])[:4]
+            lines.append(f"| {name} | {status} | {seconds} | {detail} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results")
+    parser.add_argument("--steps", required=True)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    text = "\n".join(
+        ["## Steps", *steps_table(Path(args.steps)),
+         "", "## Micro-benchmarks (full = forward + backward, largest size; × is the other's time / fusedvae's)",
+         *micro_table(_rows(results / "micro.csv")),
+         "", "## Training steps (median ms; fusedvae+compile counts as fused against torch+compile)",
+         *train_table(_rows(results / "train.csv"))]) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

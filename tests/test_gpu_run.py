@@ -1,0 +1,126 @@
+"""scripts/gpu_run.sh: its dry run does every step on the CPU, so a typo never costs GPU time.
+
+The dry run (about two minutes; marked ``gpu_run``, deselect with ``-m "not gpu_run"``) runs the
+whole script with tiny sizes through Triton's interpreter and checks what it leaves in ``$OUT``: the
+files the device tool returns and, inside the results tarball, every step's output. The helpers'
+parsers are checked on made-up input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_run.sh"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gpu_summary  # noqa: E402
+import ncu_probe  # noqa: E402
+
+STEPS = ("env", "parity-float32", "parity-bfloat16", "parity-float16", "pytest", "capture", "micro", "train",
+         "ncu", "report")
+
+
+def _summary_steps(text: str) -> dict[str, str]:
+    steps = {}
+    for line in text.split("## Micro")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0] not in ("step", "---"):
+            steps[cells[0]] = cells[1]
+    return steps
+
+
+@pytest.mark.gpu_run
+def test_dry_run_does_every_step_and_returns_at_most_eight_small_files(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    env.pop("GPU_RUN_BUDGET", None)
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+    files = sorted(p for p in out.iterdir())
+    assert all(p.is_file() for p in files) and len(files) <= 8
+    assert all(p.stat().st_size <= 16 * 2**20 for p in files)
+    names = {p.name for p in files}
+    assert {"gpu_run.log", "summary.md"} <= names
+    tarballs = [p for p in files if p.name.endswith(".tar.gz")]
+    assert len(tarballs) == 1
+
+    summary = (out / "summary.md").read_text()
+    assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the table is printed last
+    steps = _summary_steps(summary)
+    assert set(STEPS) <= set(steps), steps
+    assert all(steps[s] == "ok" for s in STEPS if s != "ncu"), steps
+    assert steps["ncu"] == "skip"  # no ncu on a CPU; its target program ran as ncu-target
+    assert steps["ncu-target"] == "ok"
+
+    with tarfile.open(tarballs[0]) as tar:
+        members = {Path(m.name).relative_to(Path(m.name).parts[0]).as_posix(): m for m in tar.getmembers()}
+
+        def read(name: str) -> str:
+            return tar.extractfile(members[name]).read().decode()
+
+        facts = json.loads(read("env.json"))
+        assert facts["copy_gbps"] > 0 and facts["fusedvae"]
+        for dtype in ("float32", "bfloat16", "float16"):
+            parity = json.loads(read(f"parity_{dtype}.json"))
+            assert parity["rows"] and all(row["passed"] and row["dtype"] == dtype for row in parity["rows"])
+        checks = [json.loads(line) for line in read("capture_checks.jsonl").splitlines()]
+        assert {c["check"]: c["passed"] for c in checks} == {"compile": True, "cuda_graph": True}
+        micro = list(csv.DictReader(io.StringIO(read("micro.csv"))))
+        assert {r["op"] for r in micro} >= {"rsample_kl", "kl_normal", "gaussian_nll", "gaussian_nll_optimal",
+                                            "gaussian_nll_loss"}
+        assert {r["mode"] for r in micro} == {"forward", "backward", "full"}
+        assert all(float(r["time_ms_p50"]) > 0 for r in micro if r["provider"] == "fusedvae")
+        train = list(csv.DictReader(io.StringIO(read("train.csv"))))
+        assert {r["model"] for r in train} == {"hierarchical-vae", "conv-sigma-vae", "mlp"}
+        assert {r["dtype"] for r in train} == {"bfloat16"}
+        assert "REPORT.md" in members and "logs/pytest.log" in members
+
+
+def test_unknown_argument_is_refused_before_anything_runs(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT), "--bogus"], cwd=ROOT, env=dict(os.environ, OUT=str(tmp_path)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ncu_parse_gives_per_element_figures(tmp_path):
+    raw = tmp_path / "raw.csv"
+    raw.write_text(
+        "==PROF== Connected to process 1\n"
+        '"ID","Kernel Name","Grid Size","Block Size","dram__bytes_read.sum","dram__bytes_write.sum",'
+        '"gpu__time_duration.sum","smsp__inst_executed.sum"\n'
+        '"","","","","byte","byte","nsecond","inst"\n'
+        '"0","_rsample_fwd","(528, 1, 1)","(128, 1, 1)","6,144","3,072","2,500","96"\n')
+    rows = ncu_probe.parse(str(raw), numel=768)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["kernel"] == "_rsample_fwd"
+    assert row["dram_read_b_per_elem"] == 8.0 and row["dram_write_b_per_elem"] == 4.0
+    assert row["inst_per_elem"] == 96 * 32 / 768 and row["time_us"] == 2.5
+
+
+def test_summary_micro_table_compares_the_largest_full_case():
+    def row(provider, numel, ms, note=""):
+        return {"op": "kl_normal", "variant": "standard-prior", "dtype": "float32", "mode": "full", "shape": str(numel),
+                "numel": str(numel), "provider": provider, "time_ms_p50": str(ms), "bytes_min": "3e8",
+                "roofline_fraction": "0.9", "saved_mb": "0", "note": note}
+
+    rows = [row("torch", 10, 1.0), row("fusedvae", 10, 1.0),  # a smaller size: not the headline
+            row("torch", 100, 8.0), row("torch+compile", 100, 2.5), row("fusedvae", 100, 2.0)]
+    table = gpu_summary.micro_table(rows)
+    assert len(table) == 3
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:3] == ["kl_normal:standard-prior", "float32", "100"]
+    assert cells[3:8] == ["300", "2", "90%", "4.00×", "1.25×"]
