@@ -4,6 +4,7 @@
                         [--quick] [--out DIR] [--data synthetic|digits|PATH] [more: python -m bench run -h]
     python -m bench report [DIR]
     python -m bench compare OLD.csv NEW.csv [--threshold 0.05]
+    python -m bench static [--arch sm_90] [--out DIR]
 
 ``run`` writes ``micro.csv`` and ``train.csv`` into ``results/<device-slug>/`` (or ``--out``), then
 the report. Under ``torchrun --nproc-per-node N -m bench run --suite train`` the training loops run
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a fused row more than this fraction slower is a regression")
     compare.add_argument("--show", type=int, default=20, help="rows to print, slowest ratios first (0: all)")
     compare.set_defaults(handler=_compare)
+
+    from .static import add_parser as add_static  # python -m bench static: compile for sm_90, model the cost
+
+    add_static(commands)
     return parser
 
 
