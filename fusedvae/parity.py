@@ -5,7 +5,8 @@
 Each case runs an op forward and backward (with a random grad_output) on the Triton backend in the
 given dtype, on the reference in the same dtype (eager), and on the reference in float64. The
 error of a result is ``max|a - ref64| / max|ref64|`` over each output and gradient; a case passes
-when the kernel's error is at most twice the eager reference's plus a dtype-sized floor, and two
+when the kernel's error is at most twice the eager reference's plus a dtype-sized floor (the
+comparator of :mod:`fusedvae.testing`, the one the test suite uses), and two
 kernel runs agree bit for bit. On CPU the kernels run through Triton's interpreter
 (``TRITON_INTERPRET=1``, set here before Triton is imported). Exits 1 if any case fails.
 """
@@ -21,6 +22,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .testing import errors_against_exact
 
 #: Error floor per dtype, relative to the largest reference value: about one unit in the last place.
 ERROR_FLOOR = {torch.float32: 5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -143,14 +146,10 @@ def _run(case: Case, inputs64: dict[str, torch.Tensor], dtype: torch.dtype, devi
     return [o.detach() for o in outputs], list(grads), grad_outputs
 
 
-def _error(results: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
-    worst = 0.0
-    for result, reference in zip(results, references):
-        reference = reference.double().cpu()
-        scale = reference.abs().max().item() if reference.numel() else 0.0
-        diff = (result.double().cpu() - reference).abs().max().item() if reference.numel() else 0.0
-        worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst
+def _errors(results, eagers, references) -> tuple[float, float]:
+    """The worst ``(kernel, eager)`` relative errors over a case's outputs or gradients (:mod:`fusedvae.testing`)."""
+    pairs = [errors_against_exact(r, e, ref) for r, e, ref in zip(results, eagers, references) if ref.numel()]
+    return max((k for k, _ in pairs), default=0.0), max((e for _, e in pairs), default=0.0)
 
 
 def _bitwise_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
@@ -171,11 +170,12 @@ def run_parity(device: str, dtypes: Sequence[torch.dtype], ops: Sequence[str] | 
             out, grads, _ = _run(case, inputs64, dtype, device, "triton", grad_outputs, seed)
             out2, grads2, _ = _run(case, inputs64, dtype, device, "triton", grad_outputs, seed)
             floor = ERROR_FLOOR[dtype]
+            err_forward, eager_forward = _errors(out, eager_out, ref_out)
+            err_backward, eager_backward = _errors(grads, eager_grads, ref_grads)
             row = Row(
                 op=case.op, dtype=str(dtype).removeprefix("torch."), shape=case.shape,
-                err_forward=_error(out, ref_out), err_backward=_error(grads, ref_grads),
-                bound_forward=2 * _error(eager_out, ref_out) + floor,
-                bound_backward=2 * _error(eager_grads, ref_grads) + floor,
+                err_forward=err_forward, err_backward=err_backward,
+                bound_forward=2 * eager_forward + floor, bound_backward=2 * eager_backward + floor,
                 deterministic=_bitwise_equal(out + grads, out2 + grads2), passed=False,
             )
             row.passed = (row.err_forward <= row.bound_forward and row.err_backward <= row.bound_backward

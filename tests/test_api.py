@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import fusedvae as fv
 from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from fusedvae import backend as backend_module
+from fusedvae.testing import kl_closed_form
 
 
 @pytest.fixture(autouse=True)
@@ -31,12 +32,6 @@ def uniform(gen, *shape, low, high, dtype=F64, requires_grad=False):
     """torch.testing.make_tensor's float distribution: uniform on [low, high)."""
     t = torch.rand(shape, generator=gen, dtype=dtype) * (high - low) + low
     return t.requires_grad_(requires_grad)
-
-
-def kl_closed_form(mu, lv, mu_p=0.0, lv_p=0.0):
-    mu_p = torch.as_tensor(mu_p, dtype=mu.dtype)
-    lv_p = torch.as_tensor(lv_p, dtype=mu.dtype)
-    return 0.5 * (lv_p - lv + (torch.exp(lv) + (mu - mu_p) ** 2) / torch.exp(lv_p) - 1.0)
 
 
 def nll_closed_form(x, m, s, full=True):
@@ -800,15 +795,16 @@ def no_override(monkeypatch):
     return monkeypatch
 
 
-def test_backend_default_is_auto_and_cpu_runs_the_reference(no_override):
-    assert fv.backend_for(torch.zeros(3)) == "reference"
+def test_backend_default_is_auto_and_cpu_runs_native(no_override):
+    assert fv.backend_for(torch.zeros(3)) == "native"
     assert fv.backend_for(torch.zeros(3, device="meta")) == "reference"
 
 
-@pytest.mark.parametrize("value", ["auto", "reference", " Reference ", "AUTO"])
-def test_backend_env_values_on_cpu(no_override, value):
+@pytest.mark.parametrize("value, expected", [("auto", "native"), ("reference", "reference"),
+                                             (" Reference ", "reference"), ("AUTO", "native"), ("native", "native")])
+def test_backend_env_values_on_cpu(no_override, value, expected):
     no_override.setenv("FUSEDVAE_BACKEND", value)
-    assert fv.backend_for(torch.zeros(3)) == "reference"
+    assert fv.backend_for(torch.zeros(3)) == expected
     assert torch.isfinite(fv.kl_normal(torch.randn(2, 3), torch.randn(2, 3)))
 
 
@@ -849,10 +845,10 @@ def test_use_backend_nests_and_restores(no_override):
     with fv.use_backend("reference"):
         assert fv.backend_for(cpu) == "reference"
         with fv.use_backend("auto"):
-            assert fv.backend_for(cpu) == "reference"
+            assert fv.backend_for(cpu) == "native"
             with fv.use_backend("reference"):
                 assert fv.backend_for(cpu) == "reference"
-            assert fv.backend_for(cpu) == "reference"
+            assert fv.backend_for(cpu) == "native"
         if expected_triton:
             with fv.use_backend("triton"):
                 assert fv.backend_for(cpu) == "triton"

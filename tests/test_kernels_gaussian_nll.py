@@ -22,8 +22,11 @@ if not torch.cuda.is_available():  # before triton is imported (tests/conftest.p
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedvae as fv  # noqa: E402
+from fusedvae.testing import assert_within_twice_eager  # noqa: E402
 # the module, not the function that fusedvae.kernels re-exports under the same name
 kgnll = importlib.import_module("fusedvae.kernels.gaussian_nll")
+kcommon = importlib.import_module("fusedvae.kernels._common")
+ksse = importlib.import_module("fusedvae.kernels.sum_squared_error")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -32,10 +35,11 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean", "per_sample")
 
 @pytest.fixture(autouse=True)
 def _nan_filled_buffers(monkeypatch):
-    def empty(shape, strides, dtype, device):
+    def empty(shape, dtype, device, strides=None):
+        strides = kcommon.contiguous_strides(shape) if strides is None else strides
         return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(math.nan)
 
-    monkeypatch.setattr(kgnll, "_empty", empty)
+    monkeypatch.setattr(kcommon, "empty", empty)
 
 
 def randn(gen, shape, scale=1.0, shift=0.0):
@@ -70,22 +74,6 @@ def run(backend, fn, inputs, dtype, grad_out, views=None):
     return [out.detach()] + [g.detach() for g in grads]
 
 
-def assert_close_to_f64(kernel, eager, exact, what, dtype, atol_eps=8.0):
-    assert kernel.shape == exact.shape, (what, kernel.shape, exact.shape)
-    assert kernel.dtype == eager.dtype, (what, kernel.dtype, eager.dtype)
-    k, e, x = kernel.to(F64), eager.to(F64), exact.to(F64)
-    finite = torch.isfinite(x)
-    assert torch.equal(torch.isfinite(k), finite), f"{what}: non-finite pattern differs"
-    if not finite.any():
-        return
-    k, e, x = k[finite], e[finite], x[finite]
-    err_k = (k - x).abs().max().item() if x.numel() else 0.0
-    err_e = (e - x).abs().max().item() if x.numel() else 0.0
-    scale = x.abs().max().item() if x.numel() else 0.0
-    atol = atol_eps * torch.finfo(dtype).eps * max(scale, 1e-30)
-    assert err_k <= 2.0 * err_e + atol, f"{what}: kernel error {err_k:.3g} > 2 x eager {err_e:.3g} + {atol:.3g}"
-
-
 def check(fn, inputs, dtype, gen, views=None, atol_eps=8.0):
     """The Triton backend within 2x the eager reference's error (plus atol) of float64, value and grads."""
     low = {n: (v.detach().to(dtype[n] if isinstance(dtype, dict) else dtype) if isinstance(v, torch.Tensor) else v)
@@ -105,7 +93,7 @@ def check(fn, inputs, dtype, gen, views=None, atol_eps=8.0):
     names = ["value"] + [n for n, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
     out_dtype = eager[0].dtype
     for name, k, e, x in zip(names, kernel, eager, exact):
-        assert_close_to_f64(k, e, x, name, out_dtype if name == "value" else e.dtype, atol_eps)
+        assert_within_twice_eager(name, k, e, x, out_dtype if name == "value" else e.dtype, atol_eps)
     return kernel
 
 
@@ -224,7 +212,7 @@ def test_gaussian_nll_int64_index_path(gen, monkeypatch):
         return out, m.grad, ls.grad
 
     narrow = once()
-    monkeypatch.setattr(kgnll, "_INT32_LIMIT", 1)
+    monkeypatch.setattr(kcommon, "INT32_LIMIT", 1)
     wide = once()
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
@@ -293,8 +281,8 @@ def test_exp_and_log_helpers_match_float64():
     def kernel(x_ptr, e_ptr, l_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
-        tl.store(e_ptr + offs, kgnll._exp_f32(x), mask=offs < n)
-        tl.store(l_ptr + offs, kgnll._log_f32(tl.abs(x)), mask=offs < n)
+        tl.store(e_ptr + offs, kcommon.exp_f32(x), mask=offs < n)
+        tl.store(l_ptr + offs, kcommon.log_f32(tl.abs(x)), mask=offs < n)
 
     g = torch.Generator().manual_seed(0)
     special = torch.tensor([0.0, 1e-7, -1e-7, 1.0 + 2**-23, 1.0 - 2**-24, 1e-40, 3e38, math.inf, -math.inf, math.nan])
@@ -326,7 +314,7 @@ def test_gaussian_nll_bitwise_deterministic(sigma, tile, width, gen, monkeypatch
 
     The small tile splits even a (4, 5, 40) tensor into several chunks and iterations per program.
     """
-    monkeypatch.setattr(kgnll, "_TILE", tile)
+    monkeypatch.setattr(kcommon, "BROADCAST_TILE", tile)
     shape = (4, 5, width)
     x, mean = randn(gen, shape).float(), randn(gen, shape).float()
     sigma_shape = {"scalar": (), "per-channel": (5, 1), "per-width": (1, width), "per-element": shape}[sigma]
@@ -404,7 +392,7 @@ def test_sum_squared_error_backend_entry(gen):
     x = randn(gen, (3, 4, 5)).float().requires_grad_()
     mean = randn(gen, (3, 4, 5)).float().requires_grad_()
     for per_sample in (False, True):
-        got = kgnll.sum_squared_error(x, mean, per_sample=per_sample)
+        got = ksse.sum_squared_error(x, mean, per_sample=per_sample)
         want = reference.sum_squared_error(x, mean, per_sample=per_sample)
         torch.testing.assert_close(got, want)
         g = torch.rand(want.shape, dtype=torch.float32, device=DEVICE) + 0.5
@@ -457,7 +445,7 @@ def test_gaussian_nll_loss_matches_torch(case, reduction, gen):
         out = fv.gaussian_nll_loss(args["input"], args["target"], args["var"], full=full, reduction=reduction)
     kernel = [out.detach()] + list(torch.autograd.grad(out, [args[n] for n in want_grad], g.float()))
     for what, k, e, x in zip(["value"] + want_grad, kernel, results["eager"], results["exact"]):
-        assert_close_to_f64(k, e, x, what, torch.float32)
+        assert_within_twice_eager(what, k, e, x, torch.float32)
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "per_sample"])
