@@ -5,7 +5,7 @@
     nll = fv.gaussian_nll(x, decoder(z), log_sigma)
 """
 
-from . import nn
+from . import distributions, nn
 from .backend import backend_for, use_backend
 from .betatc import betatc_decomposition, betatc_loss
 from .functional import (
@@ -26,6 +26,7 @@ __all__ = [
     "backend_for",
     "betatc_decomposition",
     "betatc_loss",
+    "distributions",
     "gaussian_nll",
     "gaussian_nll_loss",
     "gaussian_nll_optimal",

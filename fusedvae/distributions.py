@@ -166,7 +166,8 @@ class DiagonalNormal(_TorchIndependent):
         event_dims: int = 1,
     ) -> None:
         base = Normal(loc, scale, validate_args=validate_args, logvar=logvar)
-        if isinstance(event_dims, bool) or not isinstance(event_dims, int) or not 0 <= event_dims <= len(base.batch_shape):
+        valid = isinstance(event_dims, int) and not isinstance(event_dims, bool)
+        if not valid or not 0 <= event_dims <= len(base.batch_shape):
             raise ValueError(f"event_dims must be an int in [0, {len(base.batch_shape)}] (the dims of loc), "
                              f"got {event_dims!r}")
         super().__init__(base, event_dims, validate_args=validate_args)
@@ -203,7 +204,7 @@ def _logvar(d: _TorchNormal) -> torch.Tensor:
 
 
 def _kl_normal(p: _TorchNormal, q: _TorchNormal) -> torch.Tensor:
-    """Elementwise ``KL(p || q)`` of shape ``broadcast(p.batch_shape, q.batch_shape)``, by :func:`fusedvae.kl_normal`."""
+    """Elementwise ``KL(p || q)``, shape ``broadcast(p.batch_shape, q.batch_shape)``, by :func:`fusedvae.kl_normal`."""
     shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     # kl_normal's prior broadcasts to the posterior, never the other way: widen the posterior (a view).
     mu, logvar = p.loc.expand(shape), _logvar(p).expand(shape)
