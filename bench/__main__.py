@@ -6,8 +6,8 @@
     python -m bench compare OLD.csv NEW.csv [--threshold 0.05]
     python -m bench static [--arch sm_90] [--out DIR]
 
-``run`` writes ``micro.csv`` and ``train.csv`` into ``results/<device-slug>/`` (or ``--out``), then
-the report. Under ``torchrun --nproc-per-node N -m bench run --suite train`` the training loops run
+``run`` writes ``micro.csv``, ``accuracy.csv`` and ``train.csv`` into ``results/<device-slug>/`` (or
+``--out``), then the report. Under ``torchrun --nproc-per-node N -m bench run --suite train`` the training loops run
 with DistributedDataParallel.
 """
 
@@ -92,7 +92,7 @@ def _run(args) -> int:
 
     from .bytes import MODES
     from .device import copy_bandwidth_gbps, default_out_dir, device_name, distributed_env, resolve_device
-    from .providers import MICRO_PROVIDERS, TRAIN_PROVIDERS
+    from .providers import ALL_PROVIDERS, MICRO_PROVIDERS, TRAIN_PROVIDERS
     from .timing import tiny
 
     started = time.perf_counter()
@@ -112,7 +112,7 @@ def _run(args) -> int:
     elif device.type == "cpu" and preset != "full" and world == 1:
         torch.set_num_threads(1)  # see --threads: the reproducible choice on shared machines
     dtypes = _parse_dtypes(args.dtype, device)
-    providers = _parse_list(args.providers, TRAIN_PROVIDERS, "--providers")
+    providers = _parse_list(args.providers, ALL_PROVIDERS, "--providers")
     modes = _parse_list(args.modes, MODES, "--modes") or MODES
     compile_scope = args.compile or ("some" if preset == "tiny" or (preset == "quick" and device.type == "cpu") else "all")
     out = Path(args.out) if args.out else default_out_dir(device)
@@ -128,12 +128,23 @@ def _run(args) -> int:
         copy_gbps = copy_bandwidth_gbps(device, min_run_time=0.05 if preset == "tiny" else 0.3)
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s", flush=True)
         sink = CsvSink(out / "micro.csv", COLUMNS)
-        micro_providers = [p for p in (providers or MICRO_PROVIDERS) if p in MICRO_PROVIDERS]
+        micro_providers = [p for p in (providers or MICRO_PROVIDERS) if p != "fusedvae+compile"]
         try:
             run_micro(device, dtypes, preset=preset, copy_gbps=copy_gbps, variants=select_variants(args.ops),
                       providers=micro_providers, modes=modes, compile_scope=compile_scope,
                       min_run_time=args.min_run_time or (0.1 if preset == "quick" and device.type == "cpu" else 0.2),
                       seed=args.seed, on_row=sink, progress=progress)
+        finally:
+            sink.close()
+        print(f"wrote {sink.path} ({sink.count} rows)", flush=True)
+
+        from .accuracy import COLUMNS as ACCURACY_COLUMNS
+        from .accuracy import run_accuracy
+
+        sink = CsvSink(out / "accuracy.csv", ACCURACY_COLUMNS)
+        try:  # the compiled providers' accuracy only where the suite compiles (not the tiny smoke runs)
+            run_accuracy([p for p in micro_providers if preset != "tiny" and compile_scope != "none"
+                          or not p.endswith("compile")], on_row=sink)
         finally:
             sink.close()
         print(f"wrote {sink.path} ({sink.count} rows)", flush=True)
@@ -213,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output folder (default results/<device-slug>/)")
     run.add_argument("--data", default="synthetic", help="training data: synthetic (default), digits (scikit-learn's), "
                      "or a path: an MNIST IDX file or a folder holding one, or a folder of images")
-    run.add_argument("--providers", default=None, help="subset of eager,compile,fusedvae,fusedvae+compile (default all; "
-                     "micro has no fusedvae+compile)")
+    run.add_argument("--providers", default=None, help="subset of torch,torch+compile,fusedvae,fusedvae+compile "
+                     "(the default; micro has no fusedvae+compile), and reference (fusedvae's specification)")
     run.add_argument("--ops", default=None, help="micro: op or op:variant, comma-separated (default all)")
     run.add_argument("--modes", default=None, help="micro: subset of forward,backward,full")
     run.add_argument("--models", default=None, help="train: subset of mlp,conv,hier,akl (or model:variant)")

@@ -6,7 +6,8 @@ every match the ratio of medians ``new / old`` is printed (above 1: slower). The
 when any fused row (provider ``fusedvae`` or ``fusedvae+compile``) got slower by more than the
 threshold (ratio > 1 + threshold), 2 when the files cannot be compared (no common rows, unknown
 format), and 0 otherwise. Rows of the other providers are shown for context but never fail the gate:
-they measure PyTorch, not fusedvae.
+they measure PyTorch, not fusedvae. For context it also prints the new file's speed-ups of the fused
+providers over ``torch`` and ``torch+compile`` (what users write instead).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 FUSED = ("fusedvae", "fusedvae+compile")  # as bench.providers.FUSED; not imported, so compare needs no torch
+BASELINES = ("torch", "torch+compile")  # what users write: the denominators of the speed-ups printed
 
 KEYS = {
     "micro": ["op", "variant", "provider", "mode", "dtype", "shape"],
@@ -53,6 +55,21 @@ def compare_frames(old: pd.DataFrame, new: pd.DataFrame, threshold: float) -> tu
     return merged.sort_values("ratio", ascending=False).reset_index(drop=True), kind
 
 
+def _print_speedups(frame: pd.DataFrame, kind: str) -> None:
+    """fusedvae's speed-up over what users write (``torch``, ``torch+compile``) in the new file, for context."""
+    keys = [k for k in KEYS[kind] if k in frame.columns and k != "provider"]
+    pivot = frame.dropna(subset=[TIME[kind]]).pivot_table(index=keys, columns="provider", values=TIME[kind],
+                                                          aggfunc="first")
+    for fused in FUSED:
+        for base in BASELINES:
+            if fused in pivot and base in pivot:
+                ratio = (pivot[base] / pivot[fused]).dropna()
+                if len(ratio):
+                    geomean = math.exp(float(ratio.apply(math.log).mean()))
+                    print(f"  new file: {fused} vs {base}: geometric mean speed-up {geomean:.2f}x, lowest "
+                          f"{ratio.min():.2f}x over {len(ratio)} rows")
+
+
 def compare_files(old_path: Path, new_path: Path, *, threshold: float = 0.05, show: int = 20) -> int:
     for path in (old_path, new_path):
         if not path.is_file():
@@ -77,6 +94,7 @@ def compare_files(old_path: Path, new_path: Path, *, threshold: float = 0.05, sh
     table["flag"] = ["REGRESSION" if r else "" for r in shown["regression"]]
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _print_speedups(pd.read_csv(new_path), kind)
     regressions = int(merged["regression"].sum())
     if regressions:
         print(f"FAIL: {regressions} fused row(s) slower than {1 + threshold:.2f}x the old time")

@@ -17,14 +17,15 @@ import torch
 
 import fusedvae as fv
 
+from . import baselines
 from .bytes import MODES, bytes_min
 from .device import environment, threads
-from .providers import MICRO_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context
-from .timing import peak_memory_mb, time_interleaved_ms
+from .providers import MICRO_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context, uses_baseline
+from .timing import peak_memory_mb, saved_mb, time_interleaved_ms
 
 COLUMNS = (
     "op", "variant", "provider", "backend", "mode", "dtype", "shape", "numel", "bytes_min",
-    "time_ms_p50", "time_ms_p20", "time_ms_p80", "gbps", "roofline_fraction", "peak_mem_mb", "copy_gbps",
+    "time_ms_p50", "time_ms_p20", "time_ms_p80", "gbps", "roofline_fraction", "peak_mem_mb", "saved_mb", "copy_gbps",
     "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
 )
 
@@ -92,6 +93,11 @@ class Variant:
     kind: str  # "latent" or "image": which size sweep
     fn: Callable[..., tuple[torch.Tensor, ...]]
     make: Callable[[tuple[int, ...], torch.dtype, torch.device, torch.Generator], list[torch.Tensor]]
+    baseline: Callable[..., tuple[torch.Tensor, ...]]  # what users write instead (bench.baselines), same arguments
+
+    def function(self, provider: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The code ``provider`` runs: the baseline for ``torch``/``torch+compile``, fusedvae's op otherwise."""
+        return self.baseline if uses_baseline(provider) else self.fn
 
 
 def _tensor(shape, dtype, device, gen, *, kind="normal", scale=1.0, low=0.0, grad=True):
@@ -129,20 +135,26 @@ def _with_var(shape, dtype, device, gen):
     return _image_pair(shape, dtype, device, gen) + [_tensor(shape, dtype, device, gen, kind="uniform", low=0.1)]
 
 
+B = baselines
 VARIANTS: tuple[Variant, ...] = (
-    Variant("rsample_kl", "standard-prior", "latent", _rsample_kl, _posterior),
-    Variant("rsample_kl", "learned-prior", "latent", _rsample_kl_prior, _with_prior(lambda s: s)),
-    Variant("rsample_kl", "learned-prior-per-dim", "latent", _rsample_kl_prior, _with_prior(lambda s: s[1:])),
-    Variant("kl_normal", "standard-prior", "latent", _kl_normal, _posterior),
-    Variant("kl_normal", "learned-prior", "latent", _kl_normal_prior, _with_prior(lambda s: s)),
-    Variant("gaussian_nll", "scalar-sigma", "image", _gaussian_nll, _with_log_sigma(lambda s: ())),
-    Variant("gaussian_nll", "per-channel-sigma", "image", _gaussian_nll, _with_log_sigma(lambda s: (s[1], 1, 1))),
+    Variant("rsample_kl", "standard-prior", "latent", _rsample_kl, _posterior, B.rsample_kl),
+    Variant("rsample_kl", "learned-prior", "latent", _rsample_kl_prior, _with_prior(lambda s: s), B.rsample_kl_prior),
+    Variant("rsample_kl", "learned-prior-per-dim", "latent", _rsample_kl_prior, _with_prior(lambda s: s[1:]),
+            B.rsample_kl_prior),
+    Variant("kl_normal", "standard-prior", "latent", _kl_normal, _posterior, B.kl_normal),
+    Variant("kl_normal", "learned-prior", "latent", _kl_normal_prior, _with_prior(lambda s: s), B.kl_normal_prior),
+    Variant("gaussian_nll", "scalar-sigma", "image", _gaussian_nll, _with_log_sigma(lambda s: ()),
+            B.gaussian_nll_learned),
+    Variant("gaussian_nll", "per-channel-sigma", "image", _gaussian_nll, _with_log_sigma(lambda s: (s[1], 1, 1)),
+            B.gaussian_nll_learned),
     Variant("gaussian_nll", "per-sample-sigma", "image", _gaussian_nll,
-            _with_log_sigma(lambda s: (s[0],) + (1,) * (len(s) - 1))),
-    Variant("gaussian_nll", "per-element-sigma", "image", _gaussian_nll, _with_log_sigma(lambda s: s)),
-    Variant("gaussian_nll_optimal", "global", "image", _gaussian_nll_optimal, _image_pair),
-    Variant("gaussian_nll_optimal", "per-sample", "image", _gaussian_nll_optimal_per_sample, _image_pair),
-    Variant("gaussian_nll_loss", "per-element-var", "image", _gaussian_nll_loss, _with_var),
+            _with_log_sigma(lambda s: (s[0],) + (1,) * (len(s) - 1)), B.gaussian_nll_learned),
+    Variant("gaussian_nll", "per-element-sigma", "image", _gaussian_nll, _with_log_sigma(lambda s: s),
+            B.gaussian_nll_learned),
+    Variant("gaussian_nll_optimal", "global", "image", _gaussian_nll_optimal, _image_pair, B.gaussian_nll_optimal),
+    Variant("gaussian_nll_optimal", "per-sample", "image", _gaussian_nll_optimal_per_sample, _image_pair,
+            B.gaussian_nll_optimal_per_sample),
+    Variant("gaussian_nll_loss", "per-element-var", "image", _gaussian_nll_loss, _with_var, B.gaussian_nll_loss_op),
 )
 
 
@@ -251,8 +263,10 @@ def _measure(variant: Variant, fns: dict[str, Callable], shape, dtype, device, *
                 gbps = moved / (p50 * 1e-3) / 1e9
                 with provider_context(provider):
                     peak = peak_memory_mb(functions[mode], device)
+                    saved = saved_mb(functions["forward"])  # what the forward keeps for backward, in every mode's row
                 row.update(bytes_min=moved, time_ms_p50=p50, time_ms_p20=p20, time_ms_p80=p80, gbps=gbps,
-                           roofline_fraction=gbps / copy_gbps if copy_gbps else math.nan, peak_mem_mb=peak)
+                           roofline_fraction=gbps / copy_gbps if copy_gbps else math.nan, peak_mem_mb=peak,
+                           saved_mb=saved)
             rows[provider].append(row)
     return [row for provider in fns for row in rows[provider]]
 
@@ -302,7 +316,8 @@ def run_micro(
 
     for dtype, variant, chosen in groups:
         # compiled once per (variant, dtype), dynamic shapes, reused across the size sweep
-        functions_of = {p: (torch.compile(variant.fn, dynamic=True) if is_compiled(p) else variant.fn) for p in chosen}
+        functions_of = {p: (torch.compile(variant.function(p), dynamic=True) if is_compiled(p) else variant.function(p))
+                        for p in chosen}
         if any(is_compiled(p) for p in chosen):
             torch._dynamo.reset()
         for shape in sizes[variant.kind]:

@@ -1,8 +1,12 @@
 """The VAEs the training loops run. Each ``forward(x)`` returns the per-datapoint loss ``nll + kl``.
 
-Only the loss path calls fusedvae (``fv.rsample_kl``, ``fv.gaussian_nll``,
-``fv.gaussian_nll_optimal`` through ``fv.nn.GaussianLikelihood``); which implementation runs it is
-the provider's choice (:mod:`bench.providers`), so the same module measures every provider.
+Only the loss path differs between providers. With ``model.baseline`` set (:func:`use_baselines`,
+the ``torch`` providers) it is the loss code of that model's public codebase, from
+:mod:`bench.baselines`: the PyTorch examples' VAE for the MLP, the σ-VAE authors' for the conv
+σ-VAE, VDVAE's for the hierarchical VAE, diffusers' own posterior for the AutoencoderKL. Otherwise
+it calls fusedvae (``fv.rsample_kl``, ``fv.gaussian_nll``, ``fv.gaussian_nll_optimal`` through
+``fv.nn.GaussianLikelihood``) on the provider's backend. Both paths compute the same loss (equal
+values up to float rounding for the same noise), so the same weights measure every provider.
 
 1. :class:`MLPVAE`: Kingma & Welling (2013), 784-400-20, Gaussian decoder with a per-pixel
    log-variance head.
@@ -10,12 +14,13 @@ the provider's choice (:mod:`bench.providers`), so the same module measures ever
    learned shared σ, the optimal σ (one per batch), or a per-pixel σ predicted by the decoder.
 3. :class:`HierarchicalVAE`: a VDVAE-style (Child 2021) top-down hierarchy on 32x32x3 images with
    many stochastic layers; each has a learned diagonal prior p(z_l | z_<l), a posterior
-   q(z_l | x, z_<l), and one ``fv.rsample_kl(q_mu, q_lv, p_mu, p_lv)`` on its latent map.
+   q(z_l | x, z_<l), both in log σ as VDVAE's, and one ``fv.rsample_kl(q_mu, 2 q_logσ, p_mu, 2 p_logσ)``
+   on its latent map (VDVAE's ``draw_gaussian_diag_samples`` and ``gaussian_analytical_kl`` for ``torch``).
 4. :class:`LatentDiffusionAutoencoder`: an unmodified diffusers ``AutoencoderKL`` on latent
    diffusion's Gaussian loss (:mod:`fusedvae.compat.autoencoderkl`). Here the loss path is not
-   chosen by the backend but by :func:`fusedvae.compat.diffusers.patch`, which the fused providers
-   run inside (:attr:`ModelSpec.context`): the eager providers time diffusers' own posterior and
-   latent diffusion's loss as written, the fused ones the patched posterior and the fused NLL.
+   chosen by the backend but by :func:`fusedvae.compat.diffusers.patch`, which the fusedvae providers
+   run inside (:attr:`ModelSpec.context`): the ``torch`` providers time diffusers' own posterior and
+   latent diffusion's loss as written, the others the patched posterior and the fused NLL.
 """
 
 from __future__ import annotations
@@ -32,6 +37,16 @@ from torch import nn
 
 import fusedvae as fv
 
+from . import baselines
+
+
+def use_baselines(module: nn.Module, baseline: bool) -> nn.Module:
+    """Switch every submodule with a ``baseline`` flag to the public codebases' loss code (True) or fusedvae's."""
+    for child in module.modules():
+        if hasattr(child, "baseline"):
+            child.baseline = baseline
+    return module
+
 
 class MLPVAE(nn.Module):
     """784-400-20 (Kingma & Welling 2013, their MNIST model), decoder mean and per-pixel log-variance."""
@@ -40,10 +55,16 @@ class MLPVAE(nn.Module):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), nn.Tanh(), nn.Linear(hidden, 2 * z_dim))
         self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.Tanh(), nn.Linear(hidden, 2 * x_dim))
+        self.baseline = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         mu, logvar = self.encoder(x).chunk(2, dim=1)
+        if self.baseline:  # the PyTorch examples' VAE, its Bernoulli decoder made Gaussian with torch's own NLL
+            z = baselines.reparameterize(mu, logvar)
+            mean, x_logvar = self.decoder(z).chunk(2, dim=1)
+            nll = baselines.gaussian_nll_loss(mean, x, x_logvar.exp(), full=True, reduction="sum")
+            return (nll + baselines.kl_standard_normal(mu, logvar).sum()) / x.shape[0]
         z, kl = fv.rsample_kl(mu, logvar)
         mean, x_logvar = self.decoder(z).chunk(2, dim=1)
         return fv.gaussian_nll(x, mean, 0.5 * x_logvar) + kl
@@ -84,9 +105,12 @@ class ConvSigmaVAE(nn.Module):
             self.likelihood = fv.nn.GaussianLikelihood(())
         elif sigma == "optimal":
             self.likelihood = fv.nn.GaussianLikelihood(optimal="batch")
+        self.baseline = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mu, logvar = self.encoder(x).chunk(2, dim=1)
+        if self.baseline:
+            return self._baseline_loss(x, mu, logvar)
         z, kl = fv.rsample_kl(mu, logvar)
         h = F.silu(self.project(z)).view(x.shape[0], -1, self.bottom, self.bottom)
         out = self.decoder(h)
@@ -94,6 +118,19 @@ class ConvSigmaVAE(nn.Module):
             mean, log_sigma = out.chunk(2, dim=1)
             return fv.gaussian_nll(x, mean, log_sigma) + kl
         return self.likelihood(x, out) + kl
+
+    def _baseline_loss(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """The σ-VAE authors' loss: their gaussian_nll at a learned, optimal or predicted log σ, the textbook KL."""
+        z = baselines.reparameterize(mu, logvar)
+        out = self.decoder(F.silu(self.project(z)).view(x.shape[0], -1, self.bottom, self.bottom))
+        if self.sigma == "per-pixel":
+            out, log_sigma = out.chunk(2, dim=1)
+        elif self.sigma == "optimal":
+            log_sigma = baselines.optimal_log_sigma(x, out)
+        else:
+            log_sigma = self.likelihood.log_sigma
+        rec = baselines.gaussian_nll(out, log_sigma, x).sum()
+        return (rec + baselines.kl_standard_normal(mu, logvar).sum()) / x.shape[0]
 
 
 class ResBlock(nn.Module):
@@ -123,12 +160,19 @@ class TopDownBlock(nn.Module):
         self.posterior = ResBlock(2 * width, mid, 2 * z_channels, residual=False)
         self.z_proj = nn.Conv2d(z_channels, width, 1)
         self.out = ResBlock(width, mid, width)
+        self.baseline = False
 
     def forward(self, h: torch.Tensor, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the next activation and this layer's KL summed over the batch (nats)."""
         prior = self.prior(h)
-        p_mu, p_logvar, h_prior = prior.split([self.z_channels, self.z_channels, h.shape[1]], dim=1)
-        q_mu, q_logvar = self.posterior(torch.cat([h, encoded], dim=1)).chunk(2, dim=1)
-        z, kl = fv.rsample_kl(q_mu, q_logvar, p_mu, p_logvar)
+        # As in VDVAE the networks output log σ (not log-variance); fusedvae takes log-variances: 2 log σ.
+        p_mu, p_logsigma, h_prior = prior.split([self.z_channels, self.z_channels, h.shape[1]], dim=1)
+        q_mu, q_logsigma = self.posterior(torch.cat([h, encoded], dim=1)).chunk(2, dim=1)
+        if self.baseline:  # VDVAE's vae_helpers
+            z = baselines.draw_gaussian_diag_samples(q_mu, q_logsigma)
+            kl = baselines.gaussian_analytical_kl(q_mu, p_mu, q_logsigma, p_logsigma).sum()
+        else:
+            z, kl = fv.rsample_kl(q_mu, 2 * q_logsigma, p_mu, 2 * p_logsigma, reduction="sum")
         h = h + h_prior + self.z_proj(z)
         return self.out(h), kl
 
@@ -156,6 +200,7 @@ class HierarchicalVAE(nn.Module):
             nn.ModuleList(TopDownBlock(width, z_channels) for _ in range(count)) for count in layers)
         self.head = nn.Conv2d(width, 3, 1)
         self.likelihood = fv.nn.GaussianLikelihood((3, 1, 1))
+        self.baseline = False
 
     @property
     def n_stochastic_layers(self) -> int:
@@ -176,7 +221,11 @@ class HierarchicalVAE(nn.Module):
             for block in blocks:
                 h, kl = block(h, activations[resolution])
                 kl_total = kl_total + kl
-        return self.likelihood(x, self.head(h)) + kl_total
+        if self.baseline:  # VDVAE's likelihood is a logistic mixture; a Gaussian one is the σ-VAE's formula
+            nll = baselines.gaussian_nll(self.head(h), self.likelihood.log_sigma, x).sum()
+        else:
+            nll = fv.gaussian_nll(x, self.head(h), self.likelihood.log_sigma, reduction="sum")
+        return (nll + kl_total) / x.shape[0]
 
 
 class LatentDiffusionAutoencoder(nn.Module):
@@ -201,12 +250,12 @@ class LatentDiffusionAutoencoder(nn.Module):
                                        kl_weight=self.kl_weight).loss
 
 
-def _patched_for_fused(provider: str) -> AbstractContextManager:
+def _patched_unless_baseline(provider: str) -> AbstractContextManager:
     from fusedvae.compat.diffusers import patch
 
-    from .providers import FUSED
+    from .providers import uses_baseline
 
-    return patch() if provider in FUSED else contextlib.nullcontext()
+    return contextlib.nullcontext() if uses_baseline(provider) else patch()
 
 
 @dataclass(frozen=True)
@@ -215,7 +264,7 @@ class ModelSpec:
 
     ``context(provider)``, when given, is entered around every step of that provider (compilation
     included), inside the provider's own context. ``unfused_backend`` names, for the ``backend``
-    column, what the eager providers' loss path runs when it is not fusedvae's reference.
+    column, what the ``torch`` providers' loss path runs when it is not :mod:`bench.baselines`.
     """
 
     model: str
@@ -225,7 +274,7 @@ class ModelSpec:
     batch: int
     build: Callable[[], nn.Module]
     context: Callable[[str], AbstractContextManager] | None = None
-    unfused_backend: str | None = None  # what eager and compile run when it is not fusedvae's reference
+    unfused_backend: str | None = None  # the backend label of the torch providers when not "torch" (diffusers)
 
     @property
     def name(self) -> str:
@@ -269,7 +318,7 @@ def model_specs(preset: str, device_type: str) -> list[ModelSpec]:
                            lambda: HierarchicalVAE(**hier)))
     if importlib.util.find_spec("diffusers") is not None:  # an optional dependency (pip install fusedvae[bench])
         specs.append(ModelSpec("autoencoderkl", f"ldm-{akl_size}px", 3, akl_size, batch["akl"],
-                               lambda: LatentDiffusionAutoencoder(**akl), context=_patched_for_fused,
+                               lambda: LatentDiffusionAutoencoder(**akl), context=_patched_unless_baseline,
                                unfused_backend="diffusers"))
     return specs
 

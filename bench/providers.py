@@ -1,10 +1,15 @@
 """The providers a benchmark compares, and the context each one runs in.
 
-- ``eager``: the plain PyTorch reference ops (``fv.use_backend("reference")``).
-- ``compile``: ``torch.compile`` (inductor) of the same reference code, compiled once before timing.
+- ``torch``: what users write today instead of fusedvae, eager: the loss code of the public VAE
+  codebases (:mod:`bench.baselines`; in a training loop, that model's own codebase's loss).
+- ``torch+compile``: ``torch.compile`` (inductor) of exactly that code, compiled before timing.
 - ``fusedvae``: the public ops on the default backend (``"auto"``: the Triton kernels on CUDA
-  tensors, the reference on CPU tensors, so on a CPU ``fusedvae`` measures what ``eager`` does).
+  tensors, :mod:`fusedvae.native` on CPU tensors).
 - ``fusedvae+compile`` (training loops): the whole step compiled with the default backend.
+- ``reference``: fusedvae's plain-PyTorch specification (``fv.use_backend("reference")``), with
+  ``--providers reference`` only: a readable specification, never the denominator of a speed-up.
+
+Speed-ups are always against ``torch`` and ``torch+compile``.
 """
 
 from __future__ import annotations
@@ -16,18 +21,29 @@ import torch
 
 import fusedvae as fv
 
-MICRO_PROVIDERS = ("eager", "compile", "fusedvae")
-TRAIN_PROVIDERS = ("eager", "compile", "fusedvae", "fusedvae+compile")
-BACKEND = {"eager": "reference", "compile": "reference", "fusedvae": "auto", "fusedvae+compile": "auto"}
+MICRO_PROVIDERS = ("torch", "torch+compile", "fusedvae")
+TRAIN_PROVIDERS = ("torch", "torch+compile", "fusedvae", "fusedvae+compile")
+#: Every provider ``--providers`` accepts; the defaults above leave ``reference`` out.
+ALL_PROVIDERS = TRAIN_PROVIDERS + ("reference",)
+BASELINES = ("torch", "torch+compile")
 FUSED = ("fusedvae", "fusedvae+compile")
+BACKEND = {"torch": "auto", "torch+compile": "auto", "fusedvae": "auto", "fusedvae+compile": "auto",
+           "reference": "reference"}
 
 
 def is_compiled(provider: str) -> bool:
     return provider.endswith("compile")
 
 
+def uses_baseline(provider: str) -> bool:
+    """True for the providers that run :mod:`bench.baselines` (the code users write) instead of fusedvae."""
+    return provider in BASELINES
+
+
 def backend_label(provider: str, tensor: torch.Tensor) -> str:
-    """The implementation ``provider`` runs on ``tensor``: ``reference`` or ``triton``."""
+    """What ``provider`` runs on ``tensor``: ``torch`` (the baseline code), or fusedvae's ``triton``, ``native``, ``reference``."""
+    if uses_baseline(provider):
+        return "torch"
     with fv.use_backend(BACKEND[provider]):
         return fv.backend_for(tensor)
 
@@ -35,8 +51,9 @@ def backend_label(provider: str, tensor: torch.Tensor) -> str:
 def configure_dynamo(*, retain_graph: bool = False) -> None:
     """Room for one compiled graph per benchmark case without falling back to eager; eager's random draws.
 
-    ``fallback_random``: inductor would otherwise replace the ``torch.randint`` that draws the noise's
-    (seed, offset) with its own generator, and a compiled run would see other noise than an eager one.
+    ``fallback_random``: inductor would otherwise replace ``torch.randn`` (the baselines' and the native
+    backend's noise) and the ``torch.randint`` that draws the Philox key with its own generator, and a
+    compiled run would see other noise than an eager one.
     ``retain_graph`` (the micro-benchmarks' ``backward`` mode runs one graph's backward many times):
     AOTAutograd's donated buffers (the backward reusing saved tensors' memory) forbid that, so they
     are turned off.

@@ -5,8 +5,11 @@ Plots (matplotlib, Agg backend):
 - ``micro_<op>_<dtype>.png``: achieved GB/s (``bytes_min`` / median time) against the number of
   elements, one panel per variant (rows) and mode (columns), a line per provider with its p20-p80
   band, the measured copy bandwidth dashed;
-- ``micro_speedup.png``: fusedvae's speed-up over eager and over compile at the largest size of every case;
-- ``train_speedup.png``: per training model, median step time per provider and speed-up over eager.
+- ``micro_speedup.png``: fusedvae's speed-up over ``torch`` and over ``torch+compile`` at the largest size of every case;
+- ``train_speedup.png``: per training model, median step time per provider and speed-up over ``torch``.
+
+Speed-ups are always against ``torch`` (what users write) and ``torch+compile``, never against ``reference``.
+With ``accuracy.csv`` present the report adds each provider's float32 errors (:mod:`bench.accuracy`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PROVIDER_ORDER = ("eager", "compile", "fusedvae", "fusedvae+compile")
-COLORS = {"eager": "#7f7f7f", "compile": "#1f77b4", "fusedvae": "#d62728", "fusedvae+compile": "#9467bd"}
-MARKERS = {"eager": "o", "compile": "s", "fusedvae": "^", "fusedvae+compile": "D"}
+PROVIDER_ORDER = ("torch", "torch+compile", "fusedvae", "fusedvae+compile", "reference")
+BASELINES = ("torch", "torch+compile")  # the denominators of every speed-up
+COLORS = {"torch": "#7f7f7f", "torch+compile": "#1f77b4", "fusedvae": "#d62728", "fusedvae+compile": "#9467bd",
+          "reference": "#2ca02c"}
+MARKERS = {"torch": "o", "torch+compile": "s", "fusedvae": "^", "fusedvae+compile": "D", "reference": "v"}
 MODE_ORDER = ("forward", "backward", "full")
 
 
@@ -152,19 +157,20 @@ def plot_micro_speedup(micro: pd.DataFrame, path: Path) -> bool:
     plt = _plt()
     data = _largest(micro)
     pivot = data.pivot_table(index=["op", "variant", "mode", "dtype"], columns="provider", values="time_ms_p50")
-    if "fusedvae" not in pivot.columns or "eager" not in pivot.columns:
+    if "fusedvae" not in pivot.columns or "torch" not in pivot.columns:
         return False
     pivot = pivot.reset_index()
     labels = [f"{r.op}:{r.variant} · {r.mode} · {r.dtype}" for r in pivot.itertuples()]
-    vs_eager = (pivot["eager"] / pivot["fusedvae"]).to_numpy()
-    vs_compile = (pivot["compile"] / pivot["fusedvae"]).to_numpy() if "compile" in pivot.columns else None
+    vs_eager = (pivot["torch"] / pivot["fusedvae"]).to_numpy()
+    vs_compile = (pivot["torch+compile"] / pivot["fusedvae"]).to_numpy() if "torch+compile" in pivot.columns else None
     y = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) + 1.4))
     height = 0.4 if vs_compile is not None else 0.7
-    ax.barh(y - (height / 2 if vs_compile is not None else 0), vs_eager, height=height, color=COLORS["eager"],
-            label="fusedvae vs eager")
+    ax.barh(y - (height / 2 if vs_compile is not None else 0), vs_eager, height=height, color=COLORS["torch"],
+            label="fusedvae vs torch")
     if vs_compile is not None:
-        ax.barh(y + height / 2, vs_compile, height=height, color=COLORS["compile"], label="fusedvae vs compile")
+        ax.barh(y + height / 2, vs_compile, height=height, color=COLORS["torch+compile"],
+                label="fusedvae vs torch+compile (where compiled)")
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
@@ -199,7 +205,7 @@ def plot_train(train: pd.DataFrame, path: Path) -> bool:
         offset = (k - (len(providers) - 1) / 2) * width
         ax_time.bar(x + offset, p50, width, color=COLORS.get(provider), label=provider,
                     yerr=np.vstack([p50 - p20, p80 - p50]), capsize=2, error_kw={"linewidth": 0.8})
-        eager = data[data["provider"] == "eager"].set_index("case")["step_ms_p50"]
+        eager = data[data["provider"] == "torch"].set_index("case")["step_ms_p50"]
         speed = np.array([eager.get(c, np.nan) / rows["step_ms_p50"].get(c, np.nan) for c in cases], dtype=float)
         bars = ax_speed.bar(x + offset, speed, width, color=COLORS.get(provider), label=provider)
         for bar, value in zip(bars, speed):
@@ -214,8 +220,8 @@ def plot_train(train: pd.DataFrame, path: Path) -> bool:
     ax_time.set_ylabel("median step time, ms (bars: p20–p80)")
     ax_time.set_title("step time (lower is better)", fontsize=10)
     ax_speed.axhline(1.0, color="black", linewidth=1)
-    ax_speed.set_ylabel("speed-up over eager (eager ms / provider ms)")
-    ax_speed.set_title("speed-up over eager (higher is better)", fontsize=10)
+    ax_speed.set_ylabel("speed-up over torch (torch ms / provider ms)")
+    ax_speed.set_title("speed-up over torch, the public codebases' loss code (higher is better)", fontsize=10)
     handles, labels = ax_speed.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
     world = int(data["world_size"].max()) if "world_size" in data else 1
@@ -231,17 +237,22 @@ def plot_train(train: pd.DataFrame, path: Path) -> bool:
 HOW_TO_READ = """\
 ## How to read this report
 
-- **Providers.** `eager`: the plain PyTorch reference ops. `compile`: `torch.compile` of that same
-  reference code (compiled before timing). `fusedvae`: the public ops on the default backend, the
-  Triton kernels on a GPU. Training adds `fusedvae+compile`: the step compiled around the kernels.
-  The `backend` column says what actually ran: on a CPU `fusedvae` runs the reference too, so its
-  numbers match `eager` up to noise and say nothing about the kernels.
-- **Speed-up** `a×` = the other provider's median time / fusedvae's: above 1 fusedvae is faster.
+- **Providers.** `torch`: what users write instead of fusedvae, eager: the loss code of the public
+  VAE codebases (`bench/baselines.py`: the textbook KL and `randn_like` sampling of the PyTorch
+  examples, the σ-VAE authors' NLL, VDVAE's KL, `F.gaussian_nll_loss`, diffusers' posterior).
+  `torch+compile`: `torch.compile` of exactly that code (compiled before timing). `fusedvae`: the
+  public ops on the default backend; the `backend` column says which ran (`triton` on a GPU,
+  `native` on a CPU). Training adds `fusedvae+compile`: the step compiled around fusedvae's ops.
+  `reference` (only with `--providers reference`) is fusedvae's readable specification, never a
+  denominator.
+- **Speed-up** `a×` = the `torch` (or `torch+compile`) median time / fusedvae's: above 1 fusedvae is faster.
 - **bytes_min** is the fewest bytes an op must move (every input read once, every output written
   once, gradients in the backward pass; `bench/bytes.py`). **GB/s** = bytes_min / median time, and
   **% of copy** = that over the device's copy bandwidth measured in the same run: 100% would be as
   fast as memory allows, so it is how much room a kernel leaves. Small sizes are dominated by launch
   and Python overhead, not bandwidth: read the largest sizes for the kernels' quality.
+- **saved MB** is what autograd keeps for backward after the forward pass (each storage once, inputs
+  included); **peak MB** the most memory allocated during the call above what was allocated before it.
 - **Modes.** `forward`: the op's forward as in training (autograd recording); `backward`: the
   gradient from a graph built beforehand; `full`: both, one call.
 - **Training.** Median step time (zero_grad, forward, loss, backward, Adam) after warm-up, device
@@ -269,10 +280,10 @@ def _header(frames: list[pd.DataFrame]) -> list[str]:
     lines.append(" · ".join(f"**{k}** {v}" for k, v in facts))
     lines.append("")
     fused = rows[rows["provider"].isin(["fusedvae", "fusedvae+compile"])]
-    if len(fused) and "backend" in fused and set(fused["backend"].dropna()) == {"reference"}:
-        lines += ["> On this device `fusedvae` ran the **reference** backend (the Triton kernels run on CUDA "
-                  "tensors), so `fusedvae` and `eager` time the same code: these results show the suite "
-                  "works here, not what fusion buys. Run it on a GPU for that.", ""]
+    if len(fused) and "backend" in fused and set(fused["backend"].dropna()) == {"native"}:
+        lines += ["> On this device `fusedvae` ran the **native** backend (a few ATen calls per op, torch's noise "
+                  "stream; the Triton kernels run on CUDA tensors): these results compare it with the code users "
+                  "write on a CPU, not what the kernels buy. Run the suite on a GPU for that.", ""]
     return lines
 
 
@@ -280,12 +291,15 @@ def _micro_section(micro: pd.DataFrame, plots: list[str], speedup_plot: bool) ->
     lines = ["## Micro-benchmarks", ""]
     largest = _largest(micro)
     providers = [p for p in _providers(micro) if p in set(largest["provider"])]
+    values = ["time_ms_p50", "roofline_fraction"] + (["saved_mb"] if "saved_mb" in largest else [])
     pivot = largest.pivot_table(index=["op", "variant", "dtype", "mode", "shape"], columns="provider",
-                                values=["time_ms_p50", "roofline_fraction"], aggfunc="first")
+                                values=values, aggfunc="first")
     header = ["op", "variant", "dtype", "mode", "shape"] + [f"{p} ms" for p in providers]
-    versus = [p for p in ("eager", "compile") if p in providers]
+    versus = [p for p in BASELINES if p in providers]
     if "fusedvae" in providers:
         header += [f"fusedvae vs {p}" for p in versus] + ["fusedvae % of copy"]
+        if "saved_mb" in values and "torch" in providers:
+            header.append("saved MB (torch / fusedvae)")
     body = []
     for key, row in pivot.iterrows():
         cells = list(key)
@@ -295,11 +309,14 @@ def _micro_section(micro: pd.DataFrame, plots: list[str], speedup_plot: bool) ->
             fused = times["fusedvae"]
             cells += [_speedup(times.get(p), fused) for p in versus]
             cells.append(_fmt(100 * row.get(("roofline_fraction", "fusedvae"), math.nan), 2) + "%")
+            if "saved_mb" in values and "torch" in providers:
+                cells.append(f"{_fmt(row.get(('saved_mb', 'torch'), math.nan))} / "
+                             f"{_fmt(row.get(('saved_mb', 'fusedvae'), math.nan))}")
         body.append(cells)
     order = {m: i for i, m in enumerate(MODE_ORDER)}
     body.sort(key=lambda c: (c[0], c[1], c[2], order.get(c[3], 9)))
     lines += ["Median time at the largest size of each case (all sizes at the end of this report).", "",
-              _table(header, body), ""]
+              _table(header, body), ""] + _every_size(micro)
     if speedup_plot:
         lines += ["![fusedvae speed-up at the largest size](micro_speedup.png)", ""]
     if plots:
@@ -309,15 +326,54 @@ def _micro_section(micro: pd.DataFrame, plots: list[str], speedup_plot: bool) ->
     return lines
 
 
+def _every_size(micro: pd.DataFrame) -> list[str]:
+    """fusedvae against torch at every size and mode: the lowest ratios, and every case below 0.9x."""
+    data = micro.dropna(subset=["time_ms_p50"])
+    pivot = data.pivot_table(index=["op", "variant", "dtype", "mode", "shape"], columns="provider",
+                             values="time_ms_p50", aggfunc="first")
+    if "fusedvae" not in pivot or "torch" not in pivot:
+        return []
+    ratio = (pivot["torch"] / pivot["fusedvae"]).dropna().sort_values()
+    if ratio.empty:
+        return []
+    slow = ratio[ratio < 0.9]
+    lines = [f"fusedvae vs torch over all {len(ratio)} micro cases (every size and mode): lowest "
+             f"{ratio.iloc[0]:.2f}× ({' '.join(map(str, ratio.index[0]))}), median {ratio.median():.2f}×; "
+             f"{len(slow)} below 0.9×" + (":" if len(slow) else "."), ""]
+    if len(slow):
+        lines += [_table(["op", "variant", "dtype", "mode", "shape", "fusedvae vs torch"],
+                         [list(map(str, key)) + [f"{value:.2f}×"] for key, value in slow.items()]), ""]
+    return lines
+
+
+def _accuracy_section(accuracy: pd.DataFrame) -> list[str]:
+    data = accuracy.dropna(subset=["rel_error"])
+    if data.empty:
+        return []
+    providers = _providers(data)
+    pivot = data.pivot_table(index=["case", "variant", "value", "what"], columns="provider", values="rel_error",
+                             aggfunc="first", sort=False)
+    body = []
+    for (case, variant, value, what), row in pivot.iterrows():
+        where = f"|lv − lv_p| = {value:g}" if case == "kl_normal" else f"log σ = {value:g}"
+        body.append([case, variant, where, what] + [f"{row.get(p, math.nan):.1e}" for p in providers])
+    return ["## Accuracy", "",
+            "float32 error against float64 (max |error| / max |float64 value|; `bench/accuracy.py`): the KL near "
+            "a collapsed dimension, where the textbook formula cancels, and the NLL and its gradients at "
+            "|log σ| = 80. 1.0e+00 is 100% wrong (the textbook KL returns 0 there).", "",
+            _table(["op", "variant", "where", "what"] + providers, body), ""]
+
+
 def _train_section(train: pd.DataFrame, plotted: bool) -> list[str]:
     lines = ["## Training loops", ""]
     data = train.dropna(subset=["step_ms_p50"])
     if data.empty:
         return lines + ["No training run finished (see failures below).", ""]
     providers = _providers(data)
+    saved = "saved_mb" in data
     header = ["model", "variant", "dtype", "batch × ranks"] + [f"{p} ms" for p in providers] + \
-        [f"{p} vs eager" for p in providers if p != "eager"] + ["best samples/s", "peak MB (eager / fusedvae)",
-                                                                 "final loss (eager / fusedvae)"]
+        [f"{p} vs torch" for p in providers if p != "torch"] + ["best samples/s", "peak MB (torch / fusedvae)"] + \
+        (["saved MB (torch / fusedvae)"] if saved else []) + ["final loss (torch / fusedvae)"]
     body = []
     for (model, variant, dtype), group in data.groupby(["model", "variant", "dtype"], sort=False):
         by = group.set_index("provider")
@@ -325,10 +381,11 @@ def _train_section(train: pd.DataFrame, plotted: bool) -> list[str]:
         world = int(group["world_size"].max()) if "world_size" in group else 1
         cells = [model, variant, dtype, f"{int(group['batch'].iloc[0])} × {world}"]
         cells += [_fmt(times[p]) for p in providers]
-        cells += [_speedup(times.get("eager"), times[p]) for p in providers if p != "eager"]
+        cells += [_speedup(times.get("torch"), times[p]) for p in providers if p != "torch"]
         cells.append(_fmt(group["samples_per_s"].max(), 4))
-        cells.append(f"{_fmt(by['peak_mem_mb'].get('eager', math.nan))} / {_fmt(by['peak_mem_mb'].get('fusedvae', math.nan))}")
-        cells.append(f"{_fmt(by['final_loss'].get('eager', math.nan), 5)} / {_fmt(by['final_loss'].get('fusedvae', math.nan), 5)}")
+        for column, digits in (("peak_mem_mb", 3),) + ((("saved_mb", 3),) if saved else ()) + (("final_loss", 5),):
+            cells.append(f"{_fmt(by[column].get('torch', math.nan), digits)} / "
+                         f"{_fmt(by[column].get('fusedvae', math.nan), digits)}")
         body.append(cells)
     steps = data["steps"].iloc[0]
     warm = data["warmup_steps"].iloc[0]
@@ -388,6 +445,7 @@ def write_report(directory: Path) -> Path:
     """Write ``REPORT.md`` and the PNGs into ``directory`` from the CSVs there; returns the report's path."""
     directory = Path(directory)
     micro, train = _read(directory / "micro.csv"), _read(directory / "train.csv")
+    accuracy = _read(directory / "accuracy.csv")
     if micro is None and train is None:
         raise SystemExit(f"report: neither micro.csv nor train.csv (with rows) in {directory}")
     for stale in directory.glob("micro_*.png"):
@@ -404,6 +462,8 @@ def write_report(directory: Path) -> Path:
                 plots.append(name)
         speedup = plot_micro_speedup(micro, directory / "micro_speedup.png") if len(measured) else False
         lines += _micro_section(micro, plots, speedup)
+    if accuracy is not None:
+        lines += _accuracy_section(accuracy)
     if train is not None:
         plotted = plot_train(train, directory / "train_speedup.png")
         lines += _train_section(train, plotted)

@@ -6,6 +6,8 @@
   sample) after warm-up calls, topped up to at least :data:`MIN_BLOCKS` samples; the same quantiles.
 - Peak memory: on a GPU the caching allocator's peak during one call above what was allocated
   before it; on a CPU the same figure from the profiler's allocation records (``profile_memory``).
+- Saved for backward: the bytes of every tensor autograd saves while a forward runs
+  (``torch.autograd.graph.saved_tensors_hooks``), each storage counted once, inputs included.
 """
 
 from __future__ import annotations
@@ -168,3 +170,31 @@ def peak_memory_mb(fn: Callable[[], object], device) -> float:
         return _cpu_peak_bytes(fn) / 2**20
     except Exception:  # noqa: BLE001 - memory is a nice-to-have column, never a reason to lose a row
         return math.nan
+
+
+def saved_mb(fn: Callable[[], object]) -> float:
+    """MiB that autograd saves for backward while ``fn`` (a forward pass) runs, each storage counted once.
+
+    A tensor saved twice, or two views of one storage, count once; an input saved for backward
+    counts (it is kept alive by the graph). NaN when it cannot be measured.
+
+    Example::
+
+        >>> x = torch.ones(1024, 256, requires_grad=True)     # 1 MiB
+        >>> saved_mb(lambda: (x.exp() * x).sum())             # exp's result and x: 2 MiB
+        2.0
+    """
+    storages: dict[tuple[str, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            result = fn()
+        del result
+    except Exception:  # noqa: BLE001 - a nice-to-have column, never a reason to lose a row
+        return math.nan
+    return sum(storages.values()) / 2**20

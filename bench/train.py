@@ -1,8 +1,10 @@
 """Training loops: real VAEs trained for a fixed number of steps per provider -> rows of ``train.csv``.
 
 Every provider starts from the same seed (same initial weights, same batches, same noise seeds)
-and differs only in the loss path: ``eager`` and ``compile`` run the reference ops, ``fusedvae`` and
-``fusedvae+compile`` the default backend (Triton on a GPU). In the compiled providers the step's
+and differs only in the loss path: ``torch`` and ``torch+compile`` run the loss code of the model's
+public codebase (:mod:`bench.baselines`), ``fusedvae`` and ``fusedvae+compile`` fusedvae's ops on the
+default backend (Triton on a GPU, :mod:`fusedvae.native` on a CPU), ``reference`` (only when asked
+for) fusedvae's reference. In the compiled providers the step's
 forward pass and loss go through ``torch.compile`` (AOTAutograd compiles the backward with it);
 the optimizer step (Adam) is the same eager call for every provider.
 
@@ -13,7 +15,8 @@ so drifting machine conditions hit all of them alike. Step time is the median ov
 warm-up (the first warm-up step includes compilation and is reported apart as ``first_step_ms``).
 ``peak_mem_mb``: on a GPU the allocator's peak during a step above what was allocated before it,
 the largest over the timed steps; on a CPU the same from the profiler's allocation records of one
-extra, untimed step.
+extra, untimed step. ``saved_mb``: what autograd keeps for backward during one more forward pass
+(:func:`bench.timing.saved_mb`; the network's activations, equal for every provider, plus the loss path's).
 
 Under ``torchrun --nproc-per-node N`` the model is wrapped in DistributedDataParallel (nccl on
 GPUs, gloo on CPU): every rank takes its own slice of each global batch of ``N * batch`` images,
@@ -34,13 +37,14 @@ import torch.distributed as dist
 
 from .data import describe, load_dataset
 from .device import distributed_env, environment, synchronize, threads
-from .models import ModelSpec
-from .providers import FUSED, TRAIN_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context
-from .timing import peak_memory_mb
+from .models import ModelSpec, use_baselines
+from .providers import TRAIN_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context, uses_baseline
+from .timing import peak_memory_mb, saved_mb
 
 COLUMNS = (
     "model", "variant", "provider", "backend", "dtype", "batch", "world_size", "steps", "warmup_steps",
-    "step_ms_p50", "step_ms_p20", "step_ms_p80", "first_step_ms", "samples_per_s", "peak_mem_mb", "final_loss",
+    "step_ms_p50", "step_ms_p20", "step_ms_p80", "first_step_ms", "samples_per_s", "peak_mem_mb", "saved_mb",
+    "final_loss",
     "data", "params", "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
 )
 
@@ -86,7 +90,7 @@ class Runner:
         _, _, world = distributed_env()
         self.spec, self.provider, self.device = spec, provider, device
         torch.manual_seed(seed)  # the same initial weights for every provider
-        self.module = spec.build().to(device)
+        self.module = use_baselines(spec.build().to(device), uses_baseline(provider))
         self.n_params = sum(p.numel() for p in self.module.parameters())
         model = self.module
         if world > 1:
@@ -105,7 +109,7 @@ class Runner:
         self.rng_state = torch.manual_seed(seed).get_state()
         self.times: list[float] = []
         self.last_loss: torch.Tensor | None = None
-        self.peak_mb = math.nan
+        self.peak_mb = self.saved_mb = math.nan
         self.error = ""
 
     @contextlib.contextmanager
@@ -151,7 +155,7 @@ class Runner:
         if loss is not None and world > 1:
             dist.all_reduce(loss)
             loss = loss / world
-        if spec.unfused_backend and self.provider not in FUSED:
+        if spec.unfused_backend and uses_baseline(self.provider):
             backend = spec.unfused_backend
         else:
             with provider_context(self.provider):
@@ -160,6 +164,7 @@ class Runner:
             "backend": backend, "step_ms_p50": p50, "step_ms_p20": p20, "step_ms_p80": p80,
             "first_step_ms": self.times[0] * 1e3 if self.times else math.nan,
             "samples_per_s": spec.batch * world / (p50 * 1e-3) if p50 > 0 else math.nan, "peak_mem_mb": self.peak_mb,
+            "saved_mb": self.saved_mb,
             "final_loss": float(loss) if loss is not None else math.nan, "params": self.n_params,
         }
 
@@ -202,9 +207,11 @@ def train_interleaved(
         on_step()
     x = images[next(batches).to(images.device)]
     for runner in runners:
-        if not runner.error and device.type == "cpu":  # one more step each, untimed, profiled for its allocations
+        if not runner.error:
             with runner.active():
-                runner.peak_mb = peak_memory_mb(lambda: runner.step(x), device)
+                if device.type == "cpu":  # one more step each, untimed, profiled for its allocations
+                    runner.peak_mb = peak_memory_mb(lambda: runner.step(x), device)
+                runner.saved_mb = saved_mb(lambda: runner.loss_of(x))  # one forward, what it keeps for backward
         results[runner.provider] = {"note": runner.error} if runner.error else runner.result(spec, warmup)
         if dump_params is not None and not runner.error:
             dump_params.mkdir(parents=True, exist_ok=True)

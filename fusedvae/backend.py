@@ -2,10 +2,17 @@
 
 ``FUSEDVAE_BACKEND`` (read at every call) or :func:`use_backend` picks one of
 
-- ``"auto"`` (default): Triton for CUDA tensors, the reference for everything else;
+- ``"auto"`` (default): Triton for CUDA tensors, ``native`` for CPU tensors, the reference for
+  anything else (meta tensors, other devices);
 - ``"triton"``: the Triton kernels always; CPU tensors need ``TRITON_INTERPRET=1`` (Triton's
   interpreter), otherwise a clear ``RuntimeError``;
+- ``"native"``: :mod:`fusedvae.native`, each op as a few ATen calls, noise from ``torch.randn``;
 - ``"reference"``: the plain PyTorch reference always.
+
+The noise streams: ``triton`` and ``reference`` share one Philox stream keyed by a (seed, offset)
+drawn from torch's generator (bit-equal samples across the two); ``native`` draws ``torch.randn``
+from that generator (the stream ``torch.randn_like`` gives). Both follow ``torch.manual_seed`` and
+``generator=``; a sample is reproducible on one backend, not across ``native`` and the others.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
 
 _override = threading.local()
 
@@ -43,7 +50,7 @@ def triton_interpreter_enabled() -> bool:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on backend ``name`` (``"auto"``, ``"triton"`` or ``"reference"``).
+    """Run the ops inside the ``with`` block on backend ``name`` (``"auto"``, ``"triton"``, ``"native"``, ``"reference"``).
 
     Overrides ``FUSEDVAE_BACKEND`` for the current thread; nests.
 
@@ -64,7 +71,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def backend_for(tensor: torch.Tensor) -> str:
-    """The backend, ``"triton"`` or ``"reference"``, that an op on ``tensor`` runs on now.
+    """The backend, ``"triton"``, ``"native"`` or ``"reference"``, that an op on ``tensor`` runs on now.
 
     Raises ``RuntimeError`` when ``"triton"`` is forced where it cannot run (no Triton installed,
     or a CPU tensor without ``TRITON_INTERPRET=1``).
@@ -73,13 +80,15 @@ def backend_for(tensor: torch.Tensor) -> str:
 
         >>> import torch, fusedvae as fv
         >>> fv.backend_for(torch.zeros(3))  # a CPU tensor under the default "auto"
-        'reference'
+        'native'
     """
     requested = _requested_backend()
-    if requested == "reference":
-        return "reference"
+    if requested in ("reference", "native"):
+        return requested
     if requested == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "reference"
+        if tensor.is_cuda and triton_available():
+            return "triton"
+        return "native" if tensor.device.type == "cpu" else "reference"
     if not triton_available():
         raise RuntimeError("backend 'triton' was requested but the triton package is not installed")
     if not tensor.is_cuda and not triton_interpreter_enabled():

@@ -24,11 +24,24 @@ from .reductions import finish as _finish
 from .seeding import draw_seed_offset
 
 def _implementation(tensor: torch.Tensor) -> ModuleType:
-    if backend_for(tensor) == "triton":
+    backend = backend_for(tensor)
+    if backend == "triton":
         from . import kernels  # imported on first use: importing fusedvae never imports triton
 
         return kernels
+    if backend == "native":
+        from . import native
+
+        return native
     return reference
+
+
+def _noise_key(impl: ModuleType, generator: torch.Generator | None) -> dict:
+    """The native backend draws ``torch.randn`` from ``generator`` itself; the others a Philox (seed, offset) key."""
+    if getattr(impl, "DRAWS_FROM_GENERATOR", False):
+        return {"generator": generator}
+    seed, offset = draw_seed_offset(generator)
+    return {"seed": seed, "offset": offset}
 
 
 def _as_optional_tensor(name: str, value: object, like: torch.Tensor) -> torch.Tensor | None:
@@ -99,9 +112,9 @@ def rsample(
     _check_posterior(mu, logvar)
     count = check.check_n_samples(n_samples)
     check.check_generator(generator, mu.device)
-    seed, offset = draw_seed_offset(generator)
-    z, _ = _implementation(mu).rsample_kl(
-        mu, logvar, None, None, n_samples=count, seed=seed, offset=offset, sample=True, kl=False, reduction="none"
+    impl = _implementation(mu)
+    z, _ = impl.rsample_kl(
+        mu, logvar, None, None, n_samples=count, sample=True, kl=False, reduction="none", **_noise_key(impl, generator)
     )
     return z[0] if n_samples is None else z
 
@@ -182,10 +195,10 @@ def rsample_kl(
     check.check_reduction(reduction, check.KL_REDUCTIONS)
     check.check_batched("mu", mu, reduction)
     free_bits = check.check_free_bits(free_bits, reduction)
-    seed, offset = draw_seed_offset(generator)
+    impl = _implementation(mu)
     z, kl = _kl_from_backend(
-        _implementation(mu), mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
-        n_samples=count, seed=seed, offset=offset, sample=True,
+        impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
+        n_samples=count, sample=True, **_noise_key(impl, generator),
     )
     return (z[0] if n_samples is None else z), kl
 

@@ -1,0 +1,309 @@
+"""The ``native`` backend: each op as a few ATen calls and one ``autograd.Function``, for CPU tensors.
+
+This is what ``auto`` runs on a CPU. It implements the backend interface of
+:mod:`fusedvae.reference` (``rsample_kl``, ``gaussian_nll``, ``sum_squared_error``,
+``gaussian_nll_var``) with the same values and gradients, in fewer passes over memory than the
+code users write (``torch.exp(0.5 * logvar)``, ``torch.randn_like``, the textbook KL), and it
+saves less for backward than that code does. Where it differs from the reference:
+
+- **Noise.** ``torch.randn`` from torch's generator (``generator=`` or the default one, so
+  ``torch.manual_seed`` reproduces it): the stream ``torch.randn_like`` draws, not the Philox
+  stream that the Triton kernels and the reference share. On a CPU an int64 Philox costs ten
+  times the rest of the op; the scaled noise ``eps * exp(lv/2)`` is kept for backward instead
+  (one tensor the size of ``z``; the idiom keeps ``eps`` and ``std``).
+- **KL.** ``sum g(d)``, ``g(d) = exp(d) - 1 - d``, is ``sum(exp(d)) - n - sum(d)`` accumulated in
+  float64 from the float32 ``exp`` the op computes anyway (``std^2`` when sampling), whenever the
+  rounding of those float32 values (1 ulp each) is provably below 4e-6 of the result; otherwise,
+  near a collapsed posterior, ``expm1(d) - d`` in float64 (cancellation ~2^-52 * 2 / |d| relative,
+  2e-10 at |d| = 1e-6). Elementwise reductions always take the float64 path; float64 inputs the
+  reference's series. The gradient uses ``expm1(d)``, accurate where ``e^d - 1`` is not.
+- **Sums.** A ``"sum"`` reduction of a square is ``torch.dot`` (one pass, no temporary), and a
+  broadcast ``log_sigma``'s sum is ``log_sigma.sum()`` times its repeat count.
+
+Example::
+
+    >>> import torch, fusedvae as fv
+    >>> with fv.use_backend("native"):
+    ...     z, kl = fv.rsample_kl(torch.zeros(4, 8), torch.zeros(4, 8))
+    >>> float(kl)
+    0.0
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .precision import compute_dtype, result_dtype
+from .reference.gaussian_nll import HALF_LOG_2PI
+from .reference.gaussian_nll import gaussian_nll_var as _reference_gaussian_nll_var
+from .reference.kl import exp_minus_one_minus_x
+
+#: This backend draws its noise with ``torch.randn`` from a generator, not from a (seed, offset) key.
+DRAWS_FROM_GENERATOR = True
+
+_F64 = torch.float64
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "per_sample":
+        return values.sum(dim=tuple(range(1, values.dim()))) if values.dim() > 1 else values
+    if reduction == "per_dim":
+        return values.sum(dim=0)
+    raise ValueError(f"unknown backend reduction {reduction!r}")
+
+
+def _grad_like(grad: torch.Tensor, reduction: str, ndim: int) -> torch.Tensor:
+    """The gradient of a reduced result, shaped to broadcast against the elementwise values (``ndim`` dims)."""
+    if reduction == "per_sample" and ndim > 1:
+        return grad.reshape(grad.shape + (1,) * (ndim - 1))
+    return grad  # "sum": 0-dim; "per_dim": mu.shape[1:]; "none": mu.shape
+
+
+def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+_F32_ULP = 2.0**-23  # torch's float32 exp/expm1 (SLEEF, 1.0 ulp): the relative error of each value
+_FAST_SUM_RTOL = 4e-6  # the fast sum of g is kept when its error bound is below this (the contract is 1e-5)
+
+
+def _g_exact(d: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``g(d)`` in float64, summed (0-dim) or elementwise: ``expm1(d) - d`` (float32 d), the series (float64 d)."""
+    if d.dtype == _F64:
+        g = exp_minus_one_minus_x(d)
+        return g.sum() if reduction == "sum" else g
+    d64 = d.to(_F64)
+    # expm1 and the subtraction in float64: the cancellation costs ~2^-52 * 2 / |d| relative, 2e-10 at |d| = 1e-6
+    g = torch.expm1(d64).sub_(d64)
+    return g.sum() if reduction == "sum" else g
+
+
+def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float) -> bool:
+    """Whether ``total`` = sum(g + m) (m >= 0), from float32 ``expm1`` values within ``ulps`` ulps each, is within
+    :data:`_FAST_SUM_RTOL`.
+
+    The rounding of ``expm1(d)`` costs at most ``ulps * 2^-23 * sum|expm1(d)|``, and ``|expm1(d)| <= g + |d|`` with
+    ``|d| <= sqrt(3 g) + 3 g`` (``g(d) >= min(d^2, |d|) / 3``), so at most ``ulps * 2^-23 * (5 G + sqrt(3 n G))`` for
+    ``G = sum(g) <= total``. It fails near a collapsed posterior (mean g below ~0.003), where the float64 path runs.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    value = float(total)
+    if not value > 0.0:
+        return False
+    bound = ulps * _F32_ULP * (5.0 * value + math.sqrt(3.0 * numel * value))
+    return bound <= _FAST_SUM_RTOL * value
+
+
+class _SampleKL(torch.autograd.Function):
+    """``z = mu + eps * exp(lv/2)`` and/or the KL to a (standard or learned) diagonal Gaussian prior.
+
+    Inputs are in the compute dtype; ``prior_mu``/``prior_logvar`` may be ``None`` or broadcast to
+    ``mu``; ``eps`` is the noise (``(K, *mu.shape)``) or ``None`` for the KL alone.
+    Saved for backward: the scaled noise (z's only); for the KL ``expm1(d)`` (or, with a standard prior and
+    a sample, ``expm1(lv/2)``, from which ``expm1(lv) = t (t + 2)``), ``mu - mu_p`` and ``exp(-lv_p)``.
+    """
+
+    @staticmethod
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, want_kl: bool, reduction: str):
+        ctx.want_kl, ctx.reduction, ctx.has_z = want_kl, reduction, eps is not None
+        ctx.prior_shapes = (None if prior_mu is None else prior_mu.shape,
+                            None if prior_logvar is None else prior_logvar.shape)
+        standard = prior_mu is None and prior_logvar is None
+        z = noise = kl = half_expm1 = std = None
+        if eps is not None:
+            # std = expm1(lv/2) + 1 (the same in every call, so z is rsample's bit for bit): with a standard prior
+            # the backward pass gets an accurate expm1(lv) = t (t + 2) from t = expm1(lv/2), no second exp
+            expm1_half = torch.mul(logvar, 0.5).expm1_()
+            std = expm1_half + 1.0
+            if standard and want_kl:
+                half_expm1 = expm1_half
+            noise = eps.mul_(std)  # eps is ours (fresh), so scaled in place
+            z = noise + mu
+        diff = expm1_d = weight = None
+        if want_kl:
+            diff = mu if prior_mu is None else mu - prior_mu
+            d = logvar if prior_logvar is None else logvar - prior_logvar
+            weight = None if prior_logvar is None else torch.exp(-prior_logvar)
+            weighted = diff if weight is None else diff * weight
+            if half_expm1 is None:
+                expm1_d = torch.expm1(d)
+            if reduction == "sum":
+                # sum(g(d) + weighted * diff) from float32 values in one pass, checked by its error bound
+                if half_expm1 is not None:  # g/2 = (t - d/2) + t^2/2, t = expm1(d/2)
+                    half = torch.sub(half_expm1, d, alpha=0.5).addcmul_(half_expm1, half_expm1, value=0.5)
+                    half.addcmul_(weighted, diff, value=0.5)
+                    kl, ulps = half.sum(), 2.0
+                else:
+                    kl = (expm1_d - d).addcmul_(weighted, diff).sum().mul_(0.5)
+                    ulps = 1.0
+                if not _fast_sum_is_exact(2.0 * kl, d.numel(), ulps) or d.dtype == _F64:
+                    kl = (0.5 * (_g_exact(d, "sum") + _flat_dot(weighted, diff))).to(mu.dtype)
+            else:
+                kl = 0.5 * (_g_exact(d, "none") + weighted * diff)
+                kl = _reduce(kl, reduction).to(mu.dtype)
+        ctx.save_for_backward(noise, expm1_d if half_expm1 is None else half_expm1, diff, weight)
+        ctx.from_half = half_expm1 is not None
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        noise, expm1_saved, diff, weight = ctx.saved_tensors
+        need_mu, need_lv, need_pmu, need_plv = ctx.needs_input_grad[:4]
+        d_mu = d_lv = d_pmu = d_plv = None
+        # z = mu + noise: dz/dmu = 1 (summed over the K samples), dz/dlv = noise / 2
+        if ctx.has_z and grad_z is not None:
+            samples = grad_z.shape[0]
+            if need_mu:
+                d_mu = grad_z.sum(0) if samples > 1 else grad_z[0]
+            if need_lv:
+                d_lv = (grad_z * noise).sum(0) if samples > 1 else grad_z[0] * noise[0]
+                d_lv.mul_(0.5)
+        if ctx.want_kl and grad_kl is not None:
+            g = _grad_like(grad_kl, ctx.reduction, diff.dim())
+            # dkl/dmu = (mu - mu_p) e^{-lv_p} = -dkl/dmu_p; dkl/dlv = expm1(d) / 2 (accurate where e^d - 1 is not)
+            weighted_g = diff * g if weight is None else diff * (weight * g)
+            if need_mu:
+                d_mu = weighted_g if d_mu is None else d_mu + weighted_g
+            if need_pmu:
+                d_pmu = (-weighted_g).sum_to_size(ctx.prior_shapes[0])
+            if need_lv or need_plv:
+                if ctx.from_half:  # expm1(lv) = t (t + 2), t = expm1(lv / 2)
+                    half_expm1 = torch.add(expm1_saved, 2.0).mul_(expm1_saved).mul_(0.5 * g)
+                else:
+                    half_expm1 = expm1_saved * (0.5 * g)
+                if need_lv:
+                    d_lv = half_expm1 if d_lv is None else d_lv.add_(half_expm1)
+                if need_plv:
+                    # dkl/dlv_p = (1 - e^d - (mu - mu_p)^2 e^{-lv_p}) / 2
+                    d_plv = torch.addcmul(half_expm1, weighted_g, diff, value=0.5).neg_()
+                    d_plv = d_plv.sum_to_size(ctx.prior_shapes[1])
+        return d_mu, d_lv, d_pmu, d_plv, None, None, None
+
+
+def _noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+           generator: torch.Generator | None) -> torch.Tensor:
+    if generator is not None and generator.device.type != device.type:
+        return torch.randn(shape, dtype=dtype, generator=generator, device=generator.device).to(device)
+    return torch.randn(shape, dtype=dtype, generator=generator, device=device)
+
+
+def rsample_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior_mu: torch.Tensor | None,
+    prior_logvar: torch.Tensor | None,
+    *,
+    n_samples: int,
+    sample: bool,
+    kl: bool,
+    reduction: str,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backend entry point (as :func:`fusedvae.reference.rsample_kl`), noise from ``generator``.
+
+    ``seed`` and ``offset`` (the Philox key of the other backends) are accepted and ignored.
+    Returns ``z`` of shape ``(n_samples, *mu.shape)`` in the result dtype when ``sample``, and the KL
+    (``"none"``: result dtype; ``"sum"``, ``"per_sample"``, ``"per_dim"``: compute dtype) when ``kl``.
+    """
+    dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar)
+    upcast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    eps = _noise((n_samples, *mu.shape), dtype, mu.device, generator) if sample else None
+    z, value = _SampleKL.apply(upcast(mu), upcast(logvar), upcast(prior_mu) if kl else None,
+                               upcast(prior_logvar) if kl else None, eps, kl, reduction)
+    if z is not None:
+        z = z.to(result_dtype(mu, logvar))
+    if value is not None and reduction == "none":
+        value = value.to(result_dtype(mu, logvar, prior_mu, prior_logvar))
+    return z, value
+
+
+class _GaussianNLL(torch.autograd.Function):
+    """``r^2/2 + s [+ log(2π)/2]``, ``r = (x - m) e^{-s}``, reduced; saves ``r`` and ``e^{-s}`` (shape of s)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, log_sigma, full: bool, reduction: str):
+        weight = torch.exp(-log_sigma)
+        r = (x - mean).mul_(weight)
+        numel, repeats = r.numel(), r.numel() // max(log_sigma.numel(), 1)
+        squares = None
+        if reduction == "sum":
+            squares = _flat_dot(r, r)
+            nll = 0.5 * squares + log_sigma.sum() * repeats
+            if full:
+                nll = nll + numel * HALF_LOG_2PI
+        else:
+            nll = torch.addcmul(log_sigma + HALF_LOG_2PI if full else log_sigma, r, r, value=0.5)
+            nll = _reduce(nll, reduction)
+        ctx.reduction, ctx.shapes, ctx.numel = reduction, (x.shape, log_sigma.shape), numel
+        ctx.save_for_backward(r, weight, squares)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, weight, squares = ctx.saved_tensors
+        need_x, need_m, need_s = ctx.needs_input_grad[:3]
+        x_shape, s_shape = ctx.shapes
+        g = _grad_like(grad, ctx.reduction, r.dim())
+        d_x = d_m = d_s = None
+        if need_x or need_m:
+            d_x = r * (weight * g)  # dnll/dx = r e^{-s}; dnll/dm = -that
+            d_m = -d_x if need_m else None
+            d_x = d_x if need_x else None
+        if need_s:
+            if squares is not None and math.prod(s_shape) == 1:
+                d_s = (g * (ctx.numel - squares)).reshape(s_shape)  # scalar σ: dnll/ds = n - sum(r^2), no pass
+            else:
+                d_s = torch.addcmul(torch.ones((), dtype=r.dtype, device=r.device), r, r, value=-1).mul_(g)
+                d_s = d_s.sum_to_size(s_shape)
+        return d_x, d_m, d_s, None, None
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, *, full: bool,
+                 reduction: str) -> torch.Tensor:
+    """As :func:`fusedvae.reference.gaussian_nll`, in three passes forward (difference, scale, dot) and one or two back."""
+    dtype = compute_dtype(x, mean, log_sigma)
+    nll = _GaussianNLL.apply(x.to(dtype), mean.to(dtype), log_sigma.to(dtype), bool(full), reduction)
+    return nll.to(result_dtype(x, mean, log_sigma)) if reduction == "none" else nll
+
+
+class _SumSquaredError(torch.autograd.Function):
+    """``sum((x - m)^2)`` over everything or per sample; saves ``x - m``."""
+
+    @staticmethod
+    def forward(ctx, x, mean, per_sample: bool):
+        diff = x - mean
+        ctx.per_sample = per_sample
+        ctx.save_for_backward(diff)
+        if per_sample:
+            rows = diff.reshape(diff.shape[0], -1) if diff.dim() else diff.reshape(1, -1)
+            return torch.linalg.vecdot(rows, rows)
+        return _flat_dot(diff, diff)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (diff,) = ctx.saved_tensors
+        g = _grad_like(grad, "per_sample" if ctx.per_sample else "sum", diff.dim())
+        d_x = diff * (2 * g)
+        need_x, need_m = ctx.needs_input_grad[:2]
+        return (d_x if need_x else None), (-d_x if need_m else None), None
+
+
+def sum_squared_error(x: torch.Tensor, mean: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
+    """As :func:`fusedvae.reference.sum_squared_error`: shape ``()`` or ``(B,)``, compute dtype."""
+    dtype = compute_dtype(x, mean)
+    return _SumSquaredError.apply(x.to(dtype), mean.to(dtype), bool(per_sample))
+
+
+def gaussian_nll_var(input: torch.Tensor, target: torch.Tensor, var: torch.Tensor, *, full: bool, eps: float,
+                     reduction: str) -> torch.Tensor:
+    """As :func:`fusedvae.reference.gaussian_nll_var` (torch's formula; already no more passes than torch's own)."""
+    return _reference_gaussian_nll_var(input, target, var, full=full, eps=eps, reduction=reduction)
