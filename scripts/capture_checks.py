@@ -109,7 +109,8 @@ def check_cuda_graph(device: str, t: dict) -> tuple[bool, str]:
         want_mu, want_lv = _expected_posterior_grads(z, t)
         grads_ok &= _close(grad_mu, want_mu, 1e-5) and _close(grad_lv, want_lv, 1e-4)
     ok = new_noise and grads_ok
-    noise = "new noise on each replay" if new_noise else "THE SAME NOISE on both replays (noise key baked into the graph)"
+    noise = ("new noise on each replay" if new_noise
+             else "THE SAME NOISE on both replays (noise key baked into the graph)")
     return ok, f"{how}: {noise}; gradients {'match' if grads_ok else 'DO NOT match'} the formulas"
 
 

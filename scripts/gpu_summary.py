@@ -52,15 +52,16 @@ def micro_table(rows: list[dict]) -> list[str]:
     for row in rows:
         if row.get("mode") == "full":
             groups.setdefault((row["op"], row["variant"], row["dtype"]), []).append(row)
-    lines = ["| op:variant | dtype | shape | MB moved | fusedvae ms | % of copy | × torch | × torch+compile | saved MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| op:variant | dtype | shape | MB moved | fusedvae ms | % of copy | × torch | × torch+compile "
+             "| saved MB |", "| --- " * 9 + "|"]
     for (op, variant, dtype), group in groups.items():
         largest = max(_float(r.get("numel")) for r in group)
         at = [r for r in group if _float(r.get("numel")) == largest]
         fused = next((r for r in at if r.get("provider") == "fusedvae"), {})
         ms = _float(fused.get("time_ms_p50")) if not fused.get("note") else math.nan
+        moved_mb = _float(fused.get("bytes_min")) / 1e6
         lines.append(
-            f"| {op}:{variant} | {dtype} | {at[0].get('shape', '')} | {_fmt(_float(fused.get('bytes_min')) / 1e6, '.0f')} "
+            f"| {op}:{variant} | {dtype} | {at[0].get('shape', '')} | {_fmt(moved_mb, '.0f')} "
             f"| {_fmt(ms)} | {_fmt(100 * _float(fused.get('roofline_fraction')), '.0f', '%')} "
             f"| {_fmt(_time(at, TORCH, 'time_ms_p50') / ms, '.2f', '×')} "
             f"| {_fmt(_time(at, TORCH_COMPILE, 'time_ms_p50') / ms, '.2f', '×')} "
