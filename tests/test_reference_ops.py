@@ -2,7 +2,7 @@
 
 Every test here runs the public ops (``fv.*``) under the ``"reference"`` backend on the CPU; the
 reference is the specification the kernels are later held to, so these tests check its
-mathematics: values, gradients (against DESIGN.md's formulas), accuracy near collapse, the
+mathematics: values, gradients (against docs/design.md's formulas), accuracy near collapse, the
 Philox noise, and the identities between the β-VAE and the σ-VAE.
 """
 
@@ -236,7 +236,7 @@ def test_textbook_kl_formula_fails_near_collapse_where_fusedvae_does_not():
     exact = 0.5 * g_exact(d)
     textbook = 0.5 * (torch.exp(d) - d - 1.0)  # float32, as written in most VAE code
     assert _relative_error(textbook, exact).min() > 0.5  # 100%-ish wrong at every point
-    assert textbook[4].item() == 0.0  # DESIGN.md's measurement: d = 1e-4 gives 0 instead of 5e-9
+    assert textbook[4].item() == 0.0  # docs/design.md's measurement: d = 1e-4 gives 0 instead of 5e-9
     ours = fv.kl_normal(torch.zeros_like(d), d, reduction="none")
     assert _relative_error(ours, exact).max() < 1e-6
     # in float64, even expm1(d) - d loses ~1e-10 relative at |d| = 1e-6; the series does not
@@ -312,7 +312,7 @@ def test_rsample_kl_z_equals_rsample_bitwise(gen, n_samples, dtype):
 
 
 def test_rsample_noise_is_philox_keyed_by_logical_index(gen):
-    """DESIGN.md: sample k, element i (row-major) uses Philox counter offset + k * numel + i."""
+    """docs/design.md: sample k, element i (row-major) uses Philox counter offset + k * numel + i."""
     mu, lv = randn(gen, 4, 6), randn(gen, 4, 6)
     seed, offset = draw_seed_offset(torch.Generator().manual_seed(31))
     eps = philox_normal(seed, offset, 3 * mu.numel(), dtype=F64).reshape(3, 4, 6)
@@ -468,7 +468,7 @@ def test_gaussian_nll_values_and_gradients(gen, reduction, ls_kind):
     for a, b in zip(got, grads(dist, inputs, g)):
         assert a.shape == b.shape
         assert_close(a, b)
-    # DESIGN.md's formulas, elementwise, then summed over log_sigma's broadcast positions
+    # docs/design.md's formulas, elementwise, then summed over log_sigma's broadcast positions
     # the grad_output each element receives through the reduction
     ones = torch.ones(x.shape, dtype=F64, requires_grad=True)
     (g_el,) = torch.autograd.grad(reduce_ref(ones, reduction), [ones], g)
