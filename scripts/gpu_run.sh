@@ -145,7 +145,7 @@ for dtype in float32 bfloat16 float16; do
   step "parity-$dtype" 100 "$PY -m fusedvae.parity --device $DEVICE --dtypes $dtype $PARITY_OPS --json $RESULTS/parity_$dtype.json" &
   PIDS+=($!)
 done
-step pytest 100 "$PY -m pytest -q -p no:cacheprovider $PYTEST_ARGS tests/test_kernels_*.py tests/test_compile.py" &
+step pytest 100 "$PY -m pytest -q -p no:cacheprovider $PYTEST_ARGS tests/test_kernels_*.py tests/test_betatc.py tests/test_compile.py" &
 PIDS+=($!)
 step capture 100 "$PY scripts/capture_checks.py --device $DEVICE $CAPTURE_ARGS --json $RESULTS/capture_checks.jsonl" &
 PIDS+=($!)
