@@ -24,7 +24,8 @@ atomics, and two runs are bitwise equal. Saved for backward: z, mu, logvar, J, M
 Work is ``O(B^2 D)`` (each pass recomputes ``l``): compute-bound, unlike the other fused ops. A whole
 latent row (``BLOCK_D`` = next power of two of D) lives in one tile, so the tile ``BLOCK_I x BLOCK_J x
 BLOCK_D`` is capped by :data:`TILE_ELEMENTS` (latents of a few hundred dimensions still fit, with
-smaller I/J blocks). Float32 compute for float32/float16/bfloat16 inputs, float64 for float64 inputs.
+smaller I/J blocks; the sizes were chosen so that nothing spills when compiled for sm_90, not timed on a GPU).
+Float32 compute for float32/float16/bfloat16 inputs, float64 for float64 inputs.
 Runs under ``TRITON_INTERPRET=1`` (plain ``tl.exp``/``tl.log``: no libdevice).
 """
 
@@ -41,8 +42,10 @@ from . import _custom_op
 
 SAMPLINGS = ("mws", "mss")
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-#: Elements of one ``BLOCK_I x BLOCK_J x BLOCK_D`` tile (a few registers per thread at 4 warps).
-TILE_ELEMENTS = 8192
+#: Elements of one ``BLOCK_I x BLOCK_J x BLOCK_D`` tile, per compute dtype, and the warps that hold it: compiled for
+#: sm_90 (``bench.static``), 8192 float32 elements at 4 warps spill (255 registers and a stack); these do not.
+TILE_ELEMENTS = {torch.float32: 4096, torch.float64: 2048}
+NUM_WARPS = 8
 #: Tests set ``(BLOCK_I, BLOCK_J)`` here to force many blocks at small B.
 BLOCK_OVERRIDE: tuple[int, int] | None = None
 
@@ -223,12 +226,13 @@ def log_weight_values(batch_size: int, dataset_size: int, sampling: str) -> tupl
     return -math.log(n), math.log((n - m) / (n * m)), -math.log(m)
 
 
-def _blocks(block_d: int) -> tuple[int, int]:
+def _blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
     """``(BLOCK_I, BLOCK_J)``, powers of two, with ``BLOCK_I x BLOCK_J x BLOCK_D <= TILE_ELEMENTS`` where D allows."""
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE
-    block_i = min(16, max(1, TILE_ELEMENTS // block_d))
-    block_j = min(64, max(1, TILE_ELEMENTS // (block_i * block_d)))
+    tile = TILE_ELEMENTS[dtype]
+    block_i = min(16, max(1, tile // block_d))
+    block_j = min(64, max(1, tile // (block_i * block_d)))
     return block_i, block_j
 
 
@@ -237,8 +241,8 @@ def _prepare(z, mu, logvar, dataset_size, sampling):
     batch_size, dim = mu.shape
     log_w = torch.tensor(log_weight_values(batch_size, dataset_size, sampling), dtype=dtype, device=mu.device)
     block_d = triton.next_power_of_2(max(dim, 1))
-    block_i, block_j = _blocks(block_d)
-    meta = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, DTYPE=_TL_DTYPE[dtype])
+    block_i, block_j = _blocks(block_d, dtype)
+    meta = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, DTYPE=_TL_DTYPE[dtype], num_warps=NUM_WARPS)
     return (z.contiguous(), mu.contiguous(), logvar.contiguous()), log_w, dtype, meta
 
 
