@@ -8,7 +8,7 @@ Much VAE code never names a loss function: it builds ``torch.distributions.Norma
 
     q = D.Normal(mu, logvar=logvar)              # or D.Normal(mu, std), as torch
     z = q.rsample()                              # fusedvae's noise, regenerated in backward on the kernels
-    kl = D.kl_divergence(q, D.Normal(0.0, 1.0))  # torch's dispatch, fusedvae's exact KL
+    kl = D.kl_divergence(q, D.Normal(0.0, 1.0))  # fusedvae's exact KL (registered: torch's function finds it too)
 
 What differs from torch's ``Normal``:
 
@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import kl_divergence, register_kl
+from torch.distributions import register_kl
+from torch.distributions import Distribution
 from torch.distributions import Independent as _TorchIndependent
 from torch.distributions import Normal as _TorchNormal
 from torch.distributions.utils import _sum_rightmost, broadcast_all
@@ -223,6 +224,40 @@ def _kl_diagonal_normal(p: DiagonalNormal, q: DiagonalNormal) -> torch.Tensor:
             f"KL between DiagonalNormals of event_dims {p.reinterpreted_batch_ndims} and "
             f"{q.reinterpreted_batch_ndims} is not defined")
     return _sum_rightmost(_kl_normal(p.base_dist, q.base_dist), p.reinterpreted_batch_ndims)
+
+
+def _direct_rule(p: Distribution, q: Distribution):
+    """The KL rule for a pair with a fusedvae side, found by exact type (no lookup table); None for other pairs."""
+    normals = (Normal, _TorchNormal)
+    if type(p) in normals and type(q) in normals and Normal in (type(p), type(q)):
+        return _kl_normal
+    independents = (DiagonalNormal, _TorchIndependent)
+    if type(p) in independents and type(q) in independents:
+        if p.reinterpreted_batch_ndims == q.reinterpreted_batch_ndims:
+            inner = _direct_rule(p.base_dist, q.base_dist)
+            if inner is not None:
+                return lambda p, q: _sum_rightmost(inner(p.base_dist, q.base_dist), p.reinterpreted_batch_ndims)
+    return None
+
+
+def kl_divergence(p: Distribution, q: Distribution) -> torch.Tensor:
+    """``torch.distributions.kl_divergence``, traceable by ``torch.compile(fullgraph=True)`` for fusedvae's pairs.
+
+    The same result as torch's function (which finds the rules registered above) for every pair.
+    For a fusedvae ``Normal`` or ``DiagonalNormal`` against a fusedvae or torch ``Normal`` (or an
+    ``Independent`` of them) it calls the rule directly: torch's rule lookup calls ``min`` on a
+    generator, which Dynamo cannot trace (torch 2.13), so under ``fullgraph=True`` even torch's own
+    ``Normal`` pairs fail there. Other pairs go to torch's function.
+
+    Example::
+
+        >>> import torch, fusedvae.distributions as D
+        >>> q, p = D.Normal(torch.zeros(3), logvar=torch.zeros(3)), torch.distributions.Normal(1.0, 1.0)
+        >>> D.kl_divergence(q, p)
+        tensor([0.5000, 0.5000, 0.5000])
+    """
+    rule = _direct_rule(p, q)
+    return torch.distributions.kl_divergence(p, q) if rule is None else rule(p, q)
 
 
 def __getattr__(name: str) -> object:
