@@ -84,8 +84,8 @@ def _g_exact(d: torch.Tensor, reduction: str) -> torch.Tensor:
     return g.sum() if reduction == "sum" else g
 
 
-def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float) -> bool:
-    """Whether ``total`` = sum(g + m) (m >= 0), from float32 ``expm1`` values within ``ulps`` ulps each, is within
+def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float, *, scale: float = 1.0) -> bool:
+    """Whether ``scale * total`` = sum(g + m) (m >= 0), from float32 ``expm1`` values within ``ulps`` ulps each, is within
     :data:`_FAST_SUM_RTOL`.
 
     The rounding of ``expm1(d)`` costs at most ``ulps * 2^-23 * sum|expm1(d)|``, and ``|expm1(d)| <= g + |d|`` with
@@ -94,7 +94,7 @@ def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    value = float(total)
+    value = scale * float(total)
     if not value > 0.0:
         return False
     bound = ulps * _F32_ULP * (5.0 * value + math.sqrt(3.0 * numel * value))
@@ -121,10 +121,9 @@ class _SampleKL(torch.autograd.Function):
             # std = expm1(lv/2) + 1 (the same in every call, so z is rsample's bit for bit): with a standard prior
             # the backward pass gets an accurate expm1(lv) = t (t + 2) from t = expm1(lv/2), no second exp
             expm1_half = torch.mul(logvar, 0.5).expm1_()
-            std = expm1_half + 1.0
             if standard and want_kl:
                 half_expm1 = expm1_half
-            noise = eps.mul_(std)  # eps is ours (fresh), so scaled in place
+            noise = eps.addcmul_(eps, expm1_half)  # eps * std = eps + eps * t, in place (eps is ours, fresh)
             z = noise + mu
         diff = expm1_d = weight = None
         if want_kl:
@@ -143,7 +142,7 @@ class _SampleKL(torch.autograd.Function):
                 else:
                     kl = (expm1_d - d).addcmul_(weighted, diff).sum().mul_(0.5)
                     ulps = 1.0
-                if not _fast_sum_is_exact(2.0 * kl, d.numel(), ulps) or d.dtype == _F64:
+                if d.dtype == _F64 or not _fast_sum_is_exact(kl, d.numel(), ulps, scale=2.0):
                     kl = (0.5 * (_g_exact(d, "sum") + _flat_dot(weighted, diff))).to(mu.dtype)
             else:
                 kl = 0.5 * (_g_exact(d, "none") + weighted * diff)
@@ -215,11 +214,11 @@ def rsample_kl(
     (``"none"``: result dtype; ``"sum"``, ``"per_sample"``, ``"per_dim"``: compute dtype) when ``kl``.
     """
     dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar)
-    upcast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    upcast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
     eps = _noise((n_samples, *mu.shape), dtype, mu.device, generator) if sample else None
     z, value = _SampleKL.apply(upcast(mu), upcast(logvar), upcast(prior_mu) if kl else None,
                                upcast(prior_logvar) if kl else None, eps, kl, reduction)
-    if z is not None:
+    if z is not None and z.dtype != mu.dtype:
         z = z.to(result_dtype(mu, logvar))
     if value is not None and reduction == "none":
         value = value.to(result_dtype(mu, logvar, prior_mu, prior_logvar))
@@ -237,9 +236,9 @@ class _GaussianNLL(torch.autograd.Function):
         squares = None
         if reduction == "sum":
             squares = _flat_dot(r, r)
-            nll = 0.5 * squares + log_sigma.sum() * repeats
+            nll = squares.mul(0.5).add_(log_sigma.sum(), alpha=repeats)
             if full:
-                nll = nll + numel * HALF_LOG_2PI
+                nll.add_(numel * HALF_LOG_2PI)
         else:
             nll = torch.addcmul(log_sigma + HALF_LOG_2PI if full else log_sigma, r, r, value=0.5)
             nll = _reduce(nll, reduction)
@@ -254,10 +253,11 @@ class _GaussianNLL(torch.autograd.Function):
         x_shape, s_shape = ctx.shapes
         g = _grad_like(grad, ctx.reduction, r.dim())
         d_x = d_m = d_s = None
-        if need_x or need_m:
-            d_x = r * (weight * g)  # dnll/dx = r e^{-s}; dnll/dm = -that
-            d_m = -d_x if need_m else None
-            d_x = d_x if need_x else None
+        if need_m:  # dnll/dm = -r e^{-s}; dnll/dx = -that
+            d_m = r * (weight * g).neg_()
+            d_x = -d_m if need_x else None
+        elif need_x:
+            d_x = r * (weight * g)
         if need_s:
             if squares is not None and math.prod(s_shape) == 1:
                 d_s = (g * (ctx.numel - squares)).reshape(s_shape)  # scalar σ: dnll/ds = n - sum(r^2), no pass

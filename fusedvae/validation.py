@@ -75,11 +75,20 @@ def check_same_shape(name: str, value: torch.Tensor, ref_name: str, ref: torch.T
 
 
 def broadcast_shape(*shapes: torch.Size) -> torch.Size | None:
-    """The broadcast of ``shapes``, or ``None`` where they do not broadcast."""
-    try:
-        return torch.broadcast_shapes(*shapes)
-    except RuntimeError:
-        return None
+    """The broadcast of ``shapes``, or ``None`` where they do not broadcast.
+
+    Plain Python: ``torch.broadcast_shapes`` runs ``torch._refs`` code that, once any
+    ``autograd.Function`` has been applied, costs ~1 ms a call on a CPU (measured, torch 2.13).
+    """
+    ndim = max([len(shape) for shape in shapes] + [0])  # a list: Dynamo cannot trace max() of a generator
+    out = [1] * ndim
+    for shape in shapes:
+        for index, size in enumerate(shape, ndim - len(shape)):
+            if size != 1:
+                if out[index] != 1 and out[index] != size:
+                    return None
+                out[index] = size
+    return torch.Size(out)
 
 
 def check_broadcasts_to(name: str, value: torch.Tensor, target_name: str, target: torch.Tensor) -> None:
