@@ -117,7 +117,8 @@ def main(argv=None) -> None:
         if not args.no_streaming:
             peak, secs = forward_backward_peak_mb(betatc_fused, args.batch, dim)
             inputs_mb = 3 * args.batch * dim * 4 / 2**20
-            print(f"streaming B = {args.batch:5d}: peak {peak:9.1f} MiB (the inputs: {inputs_mb:.1f} MiB)  [{secs:.1f} s]")
+            print(f"streaming B = {args.batch:5d}: peak {peak:9.1f} MiB (the inputs: {inputs_mb:.1f} MiB)  "
+                  f"[{secs:.1f} s]")
     if args.kernel_batch and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with fv.use_backend("triton"):

@@ -1,4 +1,4 @@
-"""Old import paths kept for one release after a module moved (issue 15: ``reference/`` holds the specification only)."""
+"""Old import paths kept for one release after a module moved (``reference/`` holds the specification only)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ __all__ = ["AggregatePosterior", "BetaTC", "betatc_decomposition", "betatc_loss"
 
 
 def _check(z, mu, logvar, dataset_size, sampling, prior_mu=None, prior_logvar=None) -> None:
-    for name, value in (("z", z), ("mu", mu), ("logvar", logvar), ("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+    named = (("z", z), ("mu", mu), ("logvar", logvar), ("prior_mu", prior_mu), ("prior_logvar", prior_logvar))
+    for name, value in named:
         if value is not None or name in ("z", "mu", "logvar"):
             check.check_tensor(name, value)
     check.check_same_device({"z": z, "mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar})

@@ -19,7 +19,7 @@ BACKEND_REDUCTION = {
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``"none"``: as is; ``"sum"``: a scalar; ``"per_sample"``: sum over all but dim 0; ``"per_dim"``: sum over dim 0."""
+    """``"none"``: as is; ``"sum"``: a scalar; ``"per_sample"``: sum over all but dim 0; ``"per_dim"``: over dim 0."""
     if reduction == "none":
         return values
     if reduction == "sum":

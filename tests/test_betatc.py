@@ -69,7 +69,9 @@ def dense(sampling):
 
 
 def streaming(sampling, block_size):
-    return lambda z, mu, lv: ref.streaming_log_aggregate_posterior(z, mu, lv, N, sampling=sampling, block_size=block_size)
+    return lambda z, mu, lv: ref.streaming_log_aggregate_posterior(
+        z, mu, lv, N, sampling=sampling, block_size=block_size
+    )
 
 
 def triton(sampling):

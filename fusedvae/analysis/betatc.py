@@ -245,7 +245,7 @@ def log_weight_block(
 
 
 def _tile(z_i, mu_j, lv_j, rows, cols, batch_size, dataset_size, sampling):
-    """``log q(z_id | x_j)`` ``(bi, bj, D)``, ``log w_ij`` ``(bi, bj)``, and (for gradients) ``delta``, ``delta e^-lv``."""
+    """``log q(z_id | x_j)`` ``(bi, bj, D)``, ``log w_ij`` ``(bi, bj)``; for gradients ``delta``, ``delta e^-lv``."""
     delta = z_i[:, None, :] - mu_j[None, :, :]
     scaled = delta * torch.exp(-lv_j)[None, :, :]
     log_q = -0.5 * (delta * scaled + lv_j[None, :, :]) - HALF_LOG_2PI
@@ -268,7 +268,9 @@ class _StreamingAggregatePosterior(torch.autograd.Function):
         marginals = z.new_full((batch_size, dim), -math.inf)
         for rows in _blocks(batch_size, block_size):
             for cols in _blocks(batch_size, block_size):
-                log_q, log_w, _, _ = _tile(z[rows], mu[cols], logvar[cols], rows, cols, batch_size, dataset_size, sampling)
+                log_q, log_w, _, _ = _tile(
+                    z[rows], mu[cols], logvar[cols], rows, cols, batch_size, dataset_size, sampling
+                )
                 # running logsumexp over j: log(e^old + sum_j e^new_j)
                 joint[rows] = torch.logaddexp(joint[rows], torch.logsumexp(log_w + log_q.sum(-1), dim=1))
                 marginals[rows] = torch.logaddexp(marginals[rows], torch.logsumexp(log_w[:, :, None] + log_q, dim=1))
@@ -365,7 +367,8 @@ def streaming_betatc_decomposition(
         >>> from fusedvae.analysis.betatc import betatc_decomposition, streaming_betatc_decomposition
         >>> mu, logvar = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
         >>> z = mu + torch.exp(0.5 * logvar) * torch.randn(40, 4, dtype=torch.float64)
-        >>> dense, streamed = betatc_decomposition(z, mu, logvar, 500), streaming_betatc_decomposition(z, mu, logvar, 500)
+        >>> dense = betatc_decomposition(z, mu, logvar, 500)
+        >>> streamed = streaming_betatc_decomposition(z, mu, logvar, 500)
         >>> all(torch.allclose(a, b) for a, b in zip(dense, streamed))
         True
     """

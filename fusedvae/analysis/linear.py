@@ -17,11 +17,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..reductions import apply_reduction
 from ..reference.gaussian_nll import HALF_LOG_2PI, gaussian_nll
 from ..reference.kl import kl_normal_elementwise
-from ..reductions import apply_reduction
 from ..validation import check_reduction
-
 
 _REDUCTIONS = ("none", "sum", "mean", "batchmean")
 

@@ -60,7 +60,7 @@ _HALF_LOG_2PI = tl.constexpr(HALF_LOG_2PI)
 
 @triton.jit
 def _log_q_tile(z, mu, lv, d_mask):
-    """``l_ijd`` for rows ``z`` ``[BI, BD]`` against columns ``mu, lv`` ``[BJ, BD]``, 0 in padded d; also ``delta * e^-lv``."""
+    """``(l_ijd, delta, delta e^-lv)``, rows ``z`` ``[BI, BD]`` by columns ``mu, lv`` ``[BJ, BD]``; l = 0 past D."""
     inv_var = tl.exp(-lv)
     delta = z[:, None, :] - mu[None, :, :]
     scaled = delta * inv_var[None, :, :]
@@ -305,7 +305,9 @@ def _(z, mu, logvar, dataset_size, sampling):
     "Tensor marginals, SymInt dataset_size, str sampling) -> (Tensor, Tensor, Tensor)",
 )
 def _backward_op(grad_joint, grad_marginals, z, mu, logvar, joint, marginals, dataset_size, sampling):
-    return aggregate_posterior_backward(grad_joint, grad_marginals, z, mu, logvar, joint, marginals, dataset_size, sampling)
+    return aggregate_posterior_backward(
+        grad_joint, grad_marginals, z, mu, logvar, joint, marginals, dataset_size, sampling
+    )
 
 
 @_backward_op.register_fake

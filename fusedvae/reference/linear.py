@@ -1,4 +1,4 @@
-"""Deprecated: moved to :mod:`fusedvae.analysis.linear` (a research tool, not the specification). Removed next release."""
+"""Deprecated alias of :mod:`fusedvae.analysis.linear` (moved out of the specification); removed next release."""
 
 from .._deprecated_alias import alias
 
