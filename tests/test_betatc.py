@@ -171,6 +171,21 @@ def test_public_decomposition_matches_the_dense_form(gen, backend, sampling):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_non_contiguous_inputs(gen, backend):
+    """A transposed z and column slices of wider tensors (what an encoder's ``chunk(2, dim=1)`` gives)."""
+    z, mu, logvar = posterior(gen, 9, 4)
+    wide = torch.cat([mu.detach(), logvar.detach()], dim=1)
+    mu_view, logvar_view = wide.chunk(2, dim=1)
+    z_view = z.detach().t().contiguous().t()
+    assert not (mu_view.is_contiguous() or logvar_view.is_contiguous() or z_view.is_contiguous())
+    with fv.use_backend(backend):
+        got = fv.betatc_decomposition(z_view, mu_view, logvar_view, N)
+    want = ref.betatc_decomposition(z.detach(), mu.detach(), logvar.detach(), N)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_betatc_loss_weights_the_three_terms(gen, backend):
     z, mu, logvar = posterior(gen, 12, 3)
     with fv.use_backend(backend):
