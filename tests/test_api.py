@@ -189,30 +189,37 @@ def test_gaussian_nll_loss_integer_data_as_torch(gen):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
-def test_gaussian_nll_loss_check_var_compiles_without_a_graph_break(gen, compiler):
+def test_gaussian_nll_loss_check_var_compiles_without_a_graph_break(gen, compiler, backend):
+    if backend == "triton":
+        if not backend_module.triton_available():
+            pytest.skip("triton is not installed")
+        import fusedvae.kernels  # noqa: F401  registers the fusedvae:: custom ops
     torch._dynamo.reset()
-    try:
-        fn = torch.compile(lambda i, t, v: fv.gaussian_nll_loss(i, t, v, full=True), fullgraph=True, backend=compiler)
-        inp, tgt = randn(gen, 4, 3, requires_grad=True), randn(gen, 4, 3)
-        var = uniform(gen, 4, 1, low=0.1, high=2.0, requires_grad=True)
-        got, want = fn(inp, tgt, var), F.gaussian_nll_loss(inp, tgt, var, full=True)
-        assert_close(got, want)
-        g = randn(gen, shift=0.5)
-        for a, b in zip(grads(got, [inp, var], g), grads(want, [inp, var], g)):
-            assert_close(a, b)
-        bad = var.detach().clone()
-        bad[2, 0] = -0.1
-        with pytest.raises(RuntimeError, match="var has negative entry"):  # the assertion, when the graph runs
-            fn(inp, tgt, bad)
-        # NaN is not negative: no assertion, as torch's check (NaN < 0 is False)
-        nan = var.detach().clone()
-        nan[1, 0] = float("nan")
-        assert torch.isnan(fn(inp, tgt, nan))
-        counts = torch._dynamo.utils.counters["graph_break"]
-        assert not counts, dict(counts)
-    finally:
-        torch._dynamo.reset()
+    with fv.use_backend(backend):
+        try:
+            loss = lambda i, t, v: fv.gaussian_nll_loss(i, t, v, full=True)  # noqa: E731
+            fn = torch.compile(loss, fullgraph=True, backend=compiler)
+            inp, tgt = randn(gen, 4, 3, requires_grad=True), randn(gen, 4, 3)
+            var = uniform(gen, 4, 1, low=0.1, high=2.0, requires_grad=True)
+            got, want = fn(inp, tgt, var), F.gaussian_nll_loss(inp, tgt, var, full=True)
+            assert_close(got, want)
+            g = randn(gen, shift=0.5)
+            for a, b in zip(grads(got, [inp, var], g), grads(want, [inp, var], g)):
+                assert_close(a, b)
+            bad = var.detach().clone()
+            bad[2, 0] = -0.1
+            with pytest.raises(RuntimeError, match="var has negative entry"):  # the assertion, when the graph runs
+                fn(inp, tgt, bad)
+            # NaN is not negative: no assertion, as torch's check (NaN < 0 is False)
+            nan = var.detach().clone()
+            nan[1, 0] = float("nan")
+            assert torch.isnan(fn(inp, tgt, nan))
+            counts = torch._dynamo.utils.counters["graph_break"]
+            assert not counts, dict(counts)
+        finally:
+            torch._dynamo.reset()
 
 
 def test_gaussian_nll_loss_accepts_per_channel_var_that_torch_rejects(gen):
