@@ -37,7 +37,6 @@ import torch
 
 from .precision import compute_dtype, result_dtype
 from .reference.gaussian_nll import HALF_LOG_2PI
-from .reference.gaussian_nll import gaussian_nll_var as _reference_gaussian_nll_var
 from .reference.kl import exp_minus_one_minus_x
 
 #: This backend draws its noise with ``torch.randn`` from a generator, not from a (seed, offset) key.
@@ -303,7 +302,51 @@ def sum_squared_error(x: torch.Tensor, mean: torch.Tensor, *, per_sample: bool) 
     return _SumSquaredError.apply(x.to(dtype), mean.to(dtype), bool(per_sample))
 
 
+class _GaussianNLLVar(torch.autograd.Function):
+    """torch's ``0.5 (log v + (input - target)^2 / v)``, ``v = max(var, eps)``, reduced; saves ``q = diff / v`` and ``v``.
+
+    The clamp is invisible to autograd, as in torch: the gradient reaches every entry of ``var``.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, var, full: bool, eps: float, reduction: str):
+        clamped = var.clamp(min=eps)
+        diff = input - target
+        q = diff / clamped
+        repeats = diff.numel() // max(clamped.numel(), 1)
+        if reduction == "sum":
+            loss = _flat_dot(q, diff.expand_as(q)).add_(torch.log(clamped).sum(), alpha=repeats).mul_(0.5)
+            if full:
+                loss.add_(q.numel() * HALF_LOG_2PI)
+        else:
+            loss = torch.addcmul(torch.log(clamped), q, diff, value=1.0).mul_(0.5)
+            if full:
+                loss.add_(HALF_LOG_2PI)
+            loss = _reduce(loss.expand(q.shape), reduction)
+        ctx.reduction, ctx.shapes = reduction, (input.shape, target.shape, var.shape)
+        ctx.save_for_backward(q, clamped)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, clamped = ctx.saved_tensors
+        need_input, need_target, need_var = ctx.needs_input_grad[:3]
+        input_shape, target_shape, var_shape = ctx.shapes
+        g = _grad_like(grad, ctx.reduction, q.dim())
+        d_input = d_target = d_var = None
+        if need_input or need_target:
+            d_input = q * g  # dloss/dinput = (input - target) / v = -dloss/dtarget
+            d_target = (-d_input).sum_to_size(target_shape) if need_target else None
+            d_input = d_input.sum_to_size(input_shape) if need_input else None
+        if need_var:  # dloss/dv = (1/v - q^2) / 2
+            d_var = torch.addcmul(clamped.reciprocal(), q, q, value=-1.0).mul_(0.5 * g).sum_to_size(var_shape)
+        return d_input, d_target, d_var, None, None, None
+
+
 def gaussian_nll_var(input: torch.Tensor, target: torch.Tensor, var: torch.Tensor, *, full: bool, eps: float,
                      reduction: str) -> torch.Tensor:
-    """As :func:`fusedvae.reference.gaussian_nll_var` (torch's formula; already no more passes than torch's own)."""
-    return _reference_gaussian_nll_var(input, target, var, full=full, eps=eps, reduction=reduction)
+    """As :func:`fusedvae.reference.gaussian_nll_var` (torch's ``gaussian_nll_loss`` formula), in four passes forward."""
+    dtype = compute_dtype(input, target, var)
+    upcast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
+    loss = _GaussianNLLVar.apply(upcast(input), upcast(target), upcast(var), bool(full), float(eps), reduction)
+    return loss.to(result_dtype(input, target, var)) if reduction == "none" else loss

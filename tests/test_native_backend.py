@@ -186,3 +186,15 @@ def test_under_torch_compile_matches_eager(gen):
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("var_shape, target_shape", [((6, 3, 5, 5), (6, 3, 5, 5)), ((1, 3, 1, 1), (3, 5, 5)),
+                                                     ((6, 1, 1, 1), (6, 3, 5, 5)), ((6, 3, 5), (6, 3, 5, 5))])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "batchmean"])
+def test_gaussian_nll_loss_broadcasts_as_the_reference(gen, var_shape, target_shape, reduction):
+    mean, x = torch.rand(6, 3, 5, 5, generator=gen), torch.rand(target_shape, generator=gen)
+    var = torch.rand(var_shape, generator=gen) + 0.05
+    var.view(-1)[0] = 1e-9  # clamped at eps, its gradient still flows (as in torch)
+    for full in (False, True):
+        _assert_same(lambda *t: fv.gaussian_nll_loss(*t, full=full, reduction=reduction, check_var=False), mean, x, var,
+                     rtol=1e-4, atol=1e-4)
