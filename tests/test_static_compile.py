@@ -4,14 +4,19 @@ The compile runs in a subprocess with ``TRITON_INTERPRET=0``: this suite sets ``
 (conftest, Makefile) before :mod:`fusedvae.kernels` is imported, and under the interpreter
 ``triton.jit`` builds no compiler at all.
 
-What is compiled, and why (a few minutes on 2 cores with a cold Triton cache; seconds with a warm one):
+What is compiled, and why. Every kernel compile takes 1-7 s on this machine (LLVM and ptxas; the
+Philox kernels are the slow ones) and the full product of cases is ~1000 distinct kernels, so:
 
-- sm_90: every case of :mod:`bench.static.cases` in float32, bfloat16 and float16 (op × reduction ×
-  prior × n_samples × layout): the dtypes CI must find spills in. float64 (it compiles slowly and
-  may spill by design) is left to ``python -m bench static``, whose committed report covers it.
-- sm_80: float32 and bfloat16, contiguous layout: the A100 backend's compile errors (an older
-  ptxas, no wgmma or TMA paths) show up there whatever the layout; layouts change strides, not code
-  paths, and are covered on sm_90.
+- by default (``make test``, ~2-3 minutes on 2 cores with a cold Triton cache, seconds with a warm one):
+  sm_90, float32, contiguous, every op × reduction × prior × n_samples variant: every constexpr path of
+  every launcher once, in the dtype with the widest registers; sm_80, float32, the sample+KL
+  variants with a learned prior (the most code in one kernel) and the per-element σ / variance
+  forms: the A100 backend's compile errors;
+- with ``FUSEDVAE_STATIC_FULL=1`` (``.ci/run``'s Triton 3.6 job, ~25-30 minutes cold): sm_90 in
+  float32, bfloat16 and float16 × contiguous, channels-last and permuted (layouts change the index
+  math and the vector widths, so registers and spills), and sm_80 in float32 and bfloat16, contiguous.
+
+float64 (slow to compile, and its spills are allowed) is in ``python -m bench static``'s committed report.
 
 Fails on: a launcher or compile error; a spill (``STL``) in float32/bfloat16/float16 beyond
 :data:`bench.static.KNOWN_SPILLS`; a contiguous float32 load not vectorized to 128 bits (the alignment
@@ -33,18 +38,21 @@ from bench.static.sass import regions
 
 ROOT = Path(__file__).resolve().parents[1]
 
-JOBS = [
-    ("sm_90", "float32,bfloat16,float16", "contiguous,channels_last,permuted"),
-    ("sm_80", "float32,bfloat16", "contiguous"),
-]
+if os.environ.get("FUSEDVAE_STATIC_FULL"):
+    JOBS = [
+        ("sm_90", "float32,bfloat16,float16", "contiguous,channels_last,permuted", None),
+        ("sm_80", "float32,bfloat16", "contiguous", None),
+    ]
+else:
+    JOBS = [("sm_90", "float32", "contiguous", None), ("sm_80", "float32", "contiguous", "learned-prior K=,per-element")]
 
 
-def _static(tmp_path, arch, dtypes, layouts):
+def _static(tmp_path, arch, dtypes, layouts, match):
     out = tmp_path / arch
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "static", "--arch", arch, "--out", str(out), "--dtype", dtypes,
-         "--layouts", layouts],
+         "--layouts", layouts, *(["--match", match] if match else [])],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -52,9 +60,9 @@ def _static(tmp_path, arch, dtypes, layouts):
         return list(csv.DictReader(f)), (out / "REPORT.md").read_text()
 
 
-@pytest.mark.parametrize("arch,dtypes,layouts", JOBS, ids=[j[0] for j in JOBS])
-def test_every_kernel_compiles_without_spills(tmp_path, arch, dtypes, layouts):
-    rows, report = _static(tmp_path, arch, dtypes, layouts)
+@pytest.mark.parametrize("arch,dtypes,layouts,match", JOBS, ids=[j[0] for j in JOBS])
+def test_every_kernel_compiles_without_spills(tmp_path, arch, dtypes, layouts, match):
+    rows, report = _static(tmp_path, arch, dtypes, layouts, match)
     assert rows, "no case ran"
     errors = [f"{r['case']} {r['dtype']}: {r['note']}" for r in rows
               if r["note"].startswith(("launcher raised", "compile failed"))]
@@ -65,8 +73,9 @@ def test_every_kernel_compiles_without_spills(tmp_path, arch, dtypes, layouts):
     for r in rows:  # the model's columns hold numbers that mean something
         assert int(r["registers"]) > 0 and float(r["instr_per_elem"]) > 0, r
         assert float(r["margin"]) == pytest.approx(float(r["t_mem_ps"]) / float(r["t_issue_ps"]), rel=0.01), r
-    sample = [r for r in rows if r["case"] == "rsample_kl sample K=1 contiguous forward" and r["dtype"] == "float32"]
-    assert sample and sample[0]["load_bits"] == "128" and sample[0]["store_bits"] == "128", sample
+    if match is None:  # alignment specialized as on a GPU: contiguous float32 moves in 128-bit accesses
+        sample = [r for r in rows if r["case"] == "rsample_kl sample K=1 contiguous forward" and r["dtype"] == "float32"]
+        assert sample and sample[0]["load_bits"] == "128" and sample[0]["store_bits"] == "128", sample
     backward = {r["kernel"] for r in rows if r["case"].endswith("backward")}
     assert len(backward) >= 2, f"backward kernels not reached through autograd: {backward}"
     assert "Not covered" in report and "Every backend entry point" in report, "an entry point has no case builder"

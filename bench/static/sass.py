@@ -153,7 +153,8 @@ def loop_tile_elements(ttgir: str) -> int | None:
     start = ttgir.find("scf.for")
     if start < 0:
         return None
-    depth, i = 0, ttgir.index("{", start)
+    # the body opens with the line's last brace (its result types may hold attribute braces: #ttg.slice<{...}>)
+    depth, i = 0, ttgir.rindex("{", start, ttgir.index("\n", start))
     for j in range(i, len(ttgir)):
         depth += {"{": 1, "}": -1}.get(ttgir[j], 0)
         if depth == 0:
