@@ -104,7 +104,7 @@ step() {  # name seconds command-string: run it under timeout, log to logs/<name
   t0=$(date +%s)
   timeout -k 5 "$seconds" bash -c "$3" > "$log" 2>&1
   rc=$?
-  detail=$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-110)
+  detail=$(grep -v '^\s*$' "$log" | tail -n 1 | tr '|\t' '/ ' | cut -c1-110)  # one markdown table cell
   case $rc in
     0) status=ok ;;
     124|137) status=TIMEOUT; detail="stopped after ${seconds}s: $detail" ;;
