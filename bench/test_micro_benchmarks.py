@@ -1,9 +1,9 @@
 """The micro-benchmarks through pytest-benchmark: ``pytest bench/ --benchmark-only``.
 
 One size per variant (the largest of the quick sweep on a GPU, a small one on a CPU), every op
-variant × provider × mode, timed by pytest-benchmark with the GPU synchronised inside the timed
+variant × provider × mode (``torch``: what users write, ``bench/baselines.py``; ``fusedvae``), timed by pytest-benchmark with the GPU synchronised inside the timed
 function. ``bytes_min`` and ``gbps`` go into each benchmark's ``extra_info`` (shown with
-``--benchmark-json``). The ``compile`` provider runs on a GPU, or on a CPU with
+``--benchmark-json``). The ``torch+compile`` provider runs on a GPU, or on a CPU with
 ``FUSEDVAE_BENCH_COMPILE=1`` (inductor builds C++ there: tens of seconds per case). The CLI
 (``python -m bench run``) is the full suite; this is the same cases in pytest's harness, for people
 who track benchmarks with pytest-benchmark's ``--benchmark-autosave`` / ``--benchmark-compare``.
@@ -25,9 +25,9 @@ pytest.importorskip("pytest_benchmark")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = {"latent": (65536, 512), "image": (256, 3, 128, 128)} if DEVICE.type == "cuda" else \
     {"latent": (1024, 64), "image": (16, 3, 32, 32)}
-PROVIDERS = ["eager", "fusedvae"]
+PROVIDERS = ["torch", "fusedvae"]
 if DEVICE.type == "cuda" or os.environ.get("FUSEDVAE_BENCH_COMPILE", "0") not in ("", "0"):
-    PROVIDERS.insert(1, "compile")
+    PROVIDERS.insert(1, "torch+compile")
 
 
 def _sync() -> None:
@@ -43,10 +43,10 @@ def test_micro(benchmark, variant, provider, mode):
     shape = SIZES[variant.kind]
     gen = torch.Generator().manual_seed(0)
     with provider_context(provider):
-        fn = variant.fn
+        fn = variant.function(provider)
         if is_compiled(provider):
             torch._dynamo.reset()
-            fn = torch.compile(variant.fn)
+            fn = torch.compile(fn)
         tensors = variant.make(shape, torch.float32, DEVICE, gen)
         grad_inputs = [t for t in tensors if t.requires_grad]
         functions, outputs = mode_functions(lambda: fn(*tensors), grad_inputs, gen)
