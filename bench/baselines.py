@@ -66,7 +66,7 @@ def softclip(tensor: torch.Tensor, min: float) -> torch.Tensor:
 
 
 def optimal_log_sigma(x: torch.Tensor, x_hat: torch.Tensor, *, per_sample: bool = False) -> torch.Tensor:
-    """The σ-VAE's analytic log σ: ``log sqrt(MSE)`` over the batch (or per sample), soft-clipped at -6, differentiable."""
+    """The σ-VAE's analytic log σ: ``log sqrt(MSE)`` over the batch (or per sample), soft-clipped at -6."""
     dims = list(range(1, x.dim())) if per_sample else list(range(x.dim()))
     log_sigma = ((x - x_hat) ** 2).mean(dims, keepdim=True).sqrt().log()
     return softclip(log_sigma, -6)
@@ -91,7 +91,8 @@ def draw_gaussian_diag_samples(mu, logsigma):
 
 def kl_learned_prior(mu, logvar, prior_mu, prior_logvar):
     """KL(N(mu, e^lv) || N(mu_p, e^lv_p)) elementwise, the form hierarchical VAEs write with log-variances."""
-    return -0.5 + prior_logvar / 2 - logvar / 2 + 0.5 * (torch.exp(logvar) + (mu - prior_mu) ** 2) / torch.exp(prior_logvar)
+    return (-0.5 + prior_logvar / 2 - logvar / 2
+            + 0.5 * (torch.exp(logvar) + (mu - prior_mu) ** 2) / torch.exp(prior_logvar))
 
 
 # ---------------------------------------------------------------- the micro-benchmark ops

@@ -41,7 +41,7 @@ def uses_baseline(provider: str) -> bool:
 
 
 def backend_label(provider: str, tensor: torch.Tensor) -> str:
-    """What ``provider`` runs on ``tensor``: ``torch`` (the baseline code), or fusedvae's ``triton``, ``native``, ``reference``."""
+    """What ``provider`` runs on ``tensor``: ``torch`` (the baselines), or fusedvae's backend for it."""
     if uses_baseline(provider):
         return "torch"
     with fv.use_backend(BACKEND[provider]):

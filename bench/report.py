@@ -5,7 +5,7 @@ Plots (matplotlib, Agg backend):
 - ``micro_<op>_<dtype>.png``: achieved GB/s (``bytes_min`` / median time) against the number of
   elements, one panel per variant (rows) and mode (columns), a line per provider with its p20-p80
   band, the measured copy bandwidth dashed;
-- ``micro_speedup.png``: fusedvae's speed-up over ``torch`` and over ``torch+compile`` at the largest size of every case;
+- ``micro_speedup.png``: fusedvae's speed-up over ``torch`` and ``torch+compile`` at the largest size of every case;
 - ``train_speedup.png``: per training model, median step time per provider and speed-up over ``torch``.
 
 Speed-ups are always against ``torch`` (what users write) and ``torch+compile``, never against ``reference``.

@@ -50,7 +50,7 @@ def triton_interpreter_enabled() -> bool:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the ``with`` block on backend ``name`` (``"auto"``, ``"triton"``, ``"native"``, ``"reference"``).
+    """Run the ops inside the ``with`` block on backend ``name`` (``"auto"``, ``"triton"``, ``"native"``, ...).
 
     Overrides ``FUSEDVAE_BACKEND`` for the current thread; nests.
 

@@ -84,8 +84,8 @@ def _g_exact(d: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float, *, scale: float = 1.0) -> bool:
-    """Whether ``scale * total`` = sum(g + m) (m >= 0), from float32 ``expm1`` values within ``ulps`` ulps each, is within
-    :data:`_FAST_SUM_RTOL`.
+    """Whether ``scale * total`` = sum(g + m) (m >= 0), from float32 ``expm1`` values within ``ulps`` ulps each,
+    is within :data:`_FAST_SUM_RTOL`.
 
     The rounding of ``expm1(d)`` costs at most ``ulps * 2^-23 * sum|expm1(d)|``, and ``|expm1(d)| <= g + |d|`` with
     ``|d| <= sqrt(3 g) + 3 g`` (``g(d) >= min(d^2, |d|) / 3``), so at most ``ulps * 2^-23 * (5 G + sqrt(3 n G))`` for
@@ -115,7 +115,7 @@ class _SampleKL(torch.autograd.Function):
         ctx.prior_shapes = (None if prior_mu is None else prior_mu.shape,
                             None if prior_logvar is None else prior_logvar.shape)
         standard = prior_mu is None and prior_logvar is None
-        z = noise = kl = half_expm1 = std = None
+        z = noise = kl = half_expm1 = None
         if eps is not None:
             # std = expm1(lv/2) + 1 (the same in every call, so z is rsample's bit for bit): with a standard prior
             # the backward pass gets an accurate expm1(lv) = t (t + 2) from t = expm1(lv/2), no second exp
@@ -268,7 +268,7 @@ class _GaussianNLL(torch.autograd.Function):
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, *, full: bool,
                  reduction: str) -> torch.Tensor:
-    """As :func:`fusedvae.reference.gaussian_nll`, in three passes forward (difference, scale, dot) and one or two back."""
+    """As :func:`fusedvae.reference.gaussian_nll`: three passes forward (difference, scale, dot), one or two back."""
     dtype = compute_dtype(x, mean, log_sigma)
     nll = _GaussianNLL.apply(x.to(dtype), mean.to(dtype), log_sigma.to(dtype), bool(full), reduction)
     return nll.to(result_dtype(x, mean, log_sigma)) if reduction == "none" else nll
@@ -303,7 +303,7 @@ def sum_squared_error(x: torch.Tensor, mean: torch.Tensor, *, per_sample: bool) 
 
 
 class _GaussianNLLVar(torch.autograd.Function):
-    """torch's ``0.5 (log v + (input - target)^2 / v)``, ``v = max(var, eps)``, reduced; saves ``q = diff / v`` and ``v``.
+    """torch's ``0.5 (log v + (input - target)^2 / v)``, ``v = max(var, eps)``, reduced; saves ``diff / v`` and ``v``.
 
     The clamp is invisible to autograd, as in torch: the gradient reaches every entry of ``var``.
     """
@@ -345,7 +345,7 @@ class _GaussianNLLVar(torch.autograd.Function):
 
 def gaussian_nll_var(input: torch.Tensor, target: torch.Tensor, var: torch.Tensor, *, full: bool, eps: float,
                      reduction: str) -> torch.Tensor:
-    """As :func:`fusedvae.reference.gaussian_nll_var` (torch's ``gaussian_nll_loss`` formula), in four passes forward."""
+    """As :func:`fusedvae.reference.gaussian_nll_var` (torch's ``gaussian_nll_loss`` formula): four passes forward."""
     dtype = compute_dtype(input, target, var)
     upcast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
     loss = _GaussianNLLVar.apply(upcast(input), upcast(target), upcast(var), bool(full), float(eps), reduction)

@@ -21,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 MICRO_COLUMNS = ["op", "variant", "provider", "mode", "dtype", "shape", "numel", "bytes_min", "time_ms_p50",
-                 "time_ms_p20", "time_ms_p80", "gbps", "roofline_fraction", "peak_mem_mb", "saved_mb", "device", "torch",
+                 "time_ms_p20", "time_ms_p80", "gbps", "roofline_fraction", "peak_mem_mb", "saved_mb", "device",
+                 "torch",
                  "triton", "fusedvae", "commit", "timestamp"]
 TRAIN_COLUMNS = ["model", "variant", "provider", "dtype", "batch", "steps", "step_ms_p50", "step_ms_p20",
                  "step_ms_p80", "samples_per_s", "peak_mem_mb", "saved_mb", "final_loss", "device", "torch", "triton",
