@@ -14,7 +14,13 @@ _SEED_BOUND = 2**62  # seed + offset + any logical index stays below 2^63
 
 
 def draw_seed_offset(generator: torch.Generator | None = None) -> tuple[int, int]:
-    """Two independent integers in ``[0, 2^62)`` from ``generator`` (torch's default when None)."""
+    """Two independent integers in ``[0, 2^62)`` from ``generator`` (torch's default when None); the offset a multiple of 4.
+
+    A multiple-of-4 offset starts a Philox block (four normals, :mod:`fusedvae.reference.philox`), so a
+    kernel whose rows are multiples of 4 long draws each block once rather than once per element.
+    """
     device = generator.device if generator is not None else "cpu"
-    seed, offset = torch.randint(0, _SEED_BOUND, (2,), generator=generator, device=device).tolist()
+    draws = torch.randint(0, _SEED_BOUND, (2,), generator=generator, device=device)
+    draws[1] -= draws[1] % 4
+    seed, offset = draws.tolist()
     return seed, offset

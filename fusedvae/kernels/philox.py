@@ -1,18 +1,22 @@
-"""Philox4x32-10 and its Box-Muller normal in Triton, bit for bit as :mod:`fusedvae.reference.philox`.
+"""Philox4x32-10 and its four Box-Muller normals in Triton, bit for bit as :mod:`fusedvae.reference.philox`.
 
-The noise of logical element ``j`` under ``(seed, offset)``: counter ``offset + j`` split into 32-bit
-words ``(lo, hi, 0, 0)``, key ``(seed lo, seed hi)``; of the four output words the first two become
-one standard normal::
+The noise of logical element ``j`` under ``seed`` is normal ``j mod 4`` of Philox block ``j div 4``:
+the block's counter ``c`` goes in as the words ``(c lo, c hi, 0, 0)``, the key is ``(seed lo, seed
+hi)``, and the four output words make two Box-Muller pairs, cosine and sine halves both used::
 
     u1 = ((r0 >> 8) + 1) * 2^-24      in (0, 1], so log(u1) is finite
     u2 = (r1 >> 8) * 2^-24            in [0, 1)
-    eps = sqrt(-2 log u1) * cos(2 pi u2)
+    normals 0, 1 = sqrt(-2 log u1) * (cos(2 pi u2), sin(2 pi u2));   normals 2, 3: the same of (r2, r3)
 
-Keyed by the logical index, never by the program or the block, so a kernel regenerates any element's
-noise under any tiling (the backward pass tiles differently from the forward pass). The integer part
-matches the reference exactly; only ``log``, ``sqrt`` and ``cos`` round (a few ulps). Triton ships
-``tl.philox`` with the same rounds, but the helper here owns the counter layout and the constants so
-the bit-for-bit contract does not depend on a Triton release.
+Two ways to draw it, the same numbers: :func:`philox_normal_tile` draws each block once for a tile
+of whole blocks (a quarter of the Philox work and half the transcendental work per normal: the
+kernels' path whenever the row length and the offset are multiples of 4), and
+:func:`philox_normal_at` draws the block of each element on its own (any tiling, any offset).
+Keyed by the logical index, never by the program or the block, so a kernel regenerates any
+element's noise under any tiling (the backward pass tiles differently from the forward pass). The
+integer part matches the reference exactly; only ``log``, ``sqrt``, ``cos``, ``sin`` round (a few
+ulps). Triton ships ``tl.philox`` with the same rounds, but the helper here owns the counter layout
+and the constants so the bit-for-bit contract does not depend on a Triton release.
 
 The launchers at the bottom (:func:`philox_words`, :func:`philox_normal`) exist for the parity tests
 and the parity tool; the fused kernels call the ``@triton.jit`` helpers directly.
@@ -68,12 +72,49 @@ def philox_counter_words(seed, counter):
 
 
 @triton.jit
-def philox_normal_block(seed, counter, DTYPE: tl.constexpr):
-    """Standard normals in ``DTYPE`` (float32 or float64) for the int64 block ``counter``."""
-    r0, r1, _, _ = philox_counter_words(seed, counter)
-    u1 = ((r0 >> 8) + 1).to(DTYPE) * TWO_POW_MINUS_24
-    u2 = (r1 >> 8).to(DTYPE) * TWO_POW_MINUS_24
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * TWO_PI)
+def _box_muller(ra, rb, DTYPE: tl.constexpr):
+    """The pair ``sqrt(-2 log u1) * (cos, sin)(2 pi u2)`` of the words ``ra``, ``rb``."""
+    radius = tl.sqrt(-2.0 * tl.log(((ra >> 8) + 1).to(DTYPE) * TWO_POW_MINUS_24))
+    angle = (rb >> 8).to(DTYPE) * TWO_POW_MINUS_24 * TWO_PI
+    return radius * tl.cos(angle), radius * tl.sin(angle)
+
+
+@triton.jit
+def philox_normal_at(seed, index, DTYPE: tl.constexpr):
+    """The standard normal of each int64 logical ``index`` (any shape), in ``DTYPE``: one Philox call per element."""
+    r0, r1, r2, r3 = philox_counter_words(seed, index >> 2)
+    lane = index & 3
+    high = lane >= 2
+    cos_half, sin_half = _box_muller(tl.where(high, r2, r0), tl.where(high, r3, r1), DTYPE)
+    return tl.where((lane & 1) == 1, sin_half, cos_half)
+
+
+@triton.jit
+def philox_normal_tile(seed, blocks, DTYPE: tl.constexpr):
+    """The normals of the 2-D int64 Philox ``blocks`` ``(R, G)``, interleaved to ``(R, 4 G)``: one call per four.
+
+    Column ``4 g + l`` holds normal ``l`` of block ``blocks[:, g]``, so for blocks ``(j0 + 4 g) / 4``
+    the result is the noise of logical indices ``j0 .. j0 + 4 G - 1`` in order.
+    """
+    r0, r1, r2, r3 = philox_counter_words(seed, blocks)
+    n0, n1 = _box_muller(r0, r1, DTYPE)
+    n2, n3 = _box_muller(r2, r3, DTYPE)
+    # join(join(n0, n2), join(n1, n3))[..., p, q] is normal 2 p + q: row-major (G, 2, 2) -> 4 G in order.
+    normals = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return tl.reshape(normals, [blocks.shape[0], blocks.shape[1] * 4])
+
+
+@triton.jit
+def philox_normal_rows(seed, first, BLOCK_N: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, DTYPE: tl.constexpr):
+    """``(R, BLOCK_N)`` normals: row ``r`` holds logical indices ``first[r] .. first[r] + BLOCK_N - 1`` (int64 ``first``).
+
+    ``WHOLE_BLOCKS`` (every ``first`` a multiple of 4, ``BLOCK_N`` too) draws each Philox block once.
+    """
+    if WHOLE_BLOCKS:
+        eps = philox_normal_tile(seed, (first >> 2)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :], DTYPE)
+    else:
+        eps = philox_normal_at(seed, first[:, None] + tl.arange(0, BLOCK_N)[None, :], DTYPE)
+    return eps
 
 
 @triton.jit
@@ -88,9 +129,13 @@ def _philox_words_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, BLOCK
 
 
 @triton.jit
-def _philox_normal_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, BLOCK: tl.constexpr):
+def _philox_normal_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, TILE: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    eps = philox_normal_block(seed, offset + index, out_ptr.dtype.element_ty)
+    if TILE:  # offset % 4 == 0: whole blocks, one Philox call per four normals
+        blocks = ((offset >> 2) + tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))[None, :]
+        eps = tl.reshape(philox_normal_tile(seed, blocks, out_ptr.dtype.element_ty), [BLOCK])
+    else:
+        eps = philox_normal_at(seed, offset + index, out_ptr.dtype.element_ty)
     tl.store(out_ptr + index, eps, mask=index < numel)
 
 
@@ -98,7 +143,7 @@ _BLOCK = 1024
 
 
 def philox_words(seed: int, offset: int, numel: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The raw Philox words ``(r0, r1, r2, r3)`` of logical indices ``0 .. numel-1``, an int64 ``(4, numel)``.
+    """The raw Philox words ``(r0, r1, r2, r3)`` of the counters ``offset .. offset + numel - 1``, an int64 ``(4, numel)``.
 
     Compare with :func:`fusedvae.reference.philox4x32`. Runs on CUDA tensors, or on CPU under
     ``TRITON_INTERPRET=1``. Example::
@@ -115,10 +160,18 @@ def philox_words(seed: int, offset: int, numel: int, *, device: torch.device | s
 def philox_normal(
     seed: int, offset: int, numel: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """``numel`` standard normals for logical indices ``0 .. numel-1``, as :func:`fusedvae.reference.philox_normal`."""
+    """``numel`` normals for logical indices ``offset .. offset + numel - 1``, as :func:`fusedvae.reference.philox_normal`.
+
+    A multiple-of-4 ``offset`` takes the kernels' whole-block path (:func:`philox_normal_tile`), any
+    other the per-element one (:func:`philox_normal_at`). Example::
+
+        >>> philox_normal(1234, 0, 3).shape  # doctest: +SKIP
+        torch.Size([3])
+    """
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     out = torch.empty(numel, dtype=dtype, device=device)
     if numel:
-        _philox_normal_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, BLOCK=_BLOCK)
+        _philox_normal_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, TILE=offset % 4 == 0,
+                                                            BLOCK=_BLOCK)
     return out

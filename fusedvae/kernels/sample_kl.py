@@ -36,7 +36,7 @@ from ..precision import compute_dtype, result_dtype
 from . import _common, _custom_op
 from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM, column_offsets, emit_finish, emit_step
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
-from .philox import philox_normal_block
+from .philox import philox_normal_rows
 
 _REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sample": PER_SAMPLE}
 
@@ -65,7 +65,8 @@ def _sample_kl_forward_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, z_ptr, kl_ptr,  # absent priors / outputs are None
     mu_st, lv_st, pmu_st, plv_st, out_st,  # (row, d1, d2, d3) strides; out_st: z's samples, an elementwise KL
     B, N, dims, numel, n_samples, seed: tl.int64, offset: tl.int64, n_col_blocks, row_steps,
-    SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
+    SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr,
+    HAS_PLV: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -88,12 +89,12 @@ def _sample_kl_forward_kernel(
         if SAMPLE:
             mu_s = mu.to(SAMPLE_DTYPE)
             sd = tl.exp(0.5 * lv.to(SAMPLE_DTYPE))
-            index = rows[:, None] * N + cols[None, :]  # the logical (row-major) element index keys the noise
+            first = offset + rows * N + pid_n * BLOCK_N  # each row's first logical index: it keys the noise
             z_off = out_off
             for _ in range(0, n_samples):
-                eps = philox_normal_block(seed, offset + index, SAMPLE_DTYPE)
+                eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE)
                 tl.store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask=mask)
-                index += numel
+                first += numel
                 z_off += numel
         if KL_MODE != OFF:
             diff = mu.to(KL_DTYPE)
@@ -116,7 +117,8 @@ def _sample_kl_backward_kernel(
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # None when not needed; prior grads elementwise or partial buffers
     mu_st, lv_st, pmu_st, plv_st, dz_st, gkl_st, out_st, dz_sk,  # dz_sk: dz's stride between samples
     B, N, dims, numel, n_samples, seed: tl.int64, offset: tl.int64, n_col_blocks, row_steps,
-    HAS_DZ: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr,
+    HAS_DZ: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr,
+    HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -148,13 +150,13 @@ def _sample_kl_backward_kernel(
             sd = tl.exp(0.5 * lv.to(SAMPLE_DTYPE))
             dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :]
             dz_eps = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
-            index = rows[:, None] * N + cols[None, :]
+            first = offset + rows * N + pid_n * BLOCK_N
             for _ in range(0, n_samples):
                 dz = tl.load(dz_base, mask=mask, other=0.0).to(GRAD_DTYPE)
-                eps = philox_normal_block(seed, offset + index, SAMPLE_DTYPE)
+                eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE)
                 dmu += dz
                 dz_eps += dz * eps.to(GRAD_DTYPE)
-                index += numel
+                first += numel
                 dz_base += dz_sk
             dlv += (0.5 * sd).to(GRAD_DTYPE) * dz_eps
         if HAS_GKL:
@@ -194,6 +196,11 @@ def _sample_kl_backward_kernel(
 #: Tests set ``(BLOCK_B, BLOCK_N, row_steps)`` here to force many small programs (forward and
 #: backward may be given different tilings: the noise is keyed by the logical index).
 TILING_OVERRIDE: tuple[int, int, int] | None = None
+def _whole_blocks(view: _common.StridedView, tiling: _common.RowTiling, offset: int) -> bool:
+    """Whether every row of every tile starts a Philox block (index ``4 k``): then a block is drawn once, not 4 times."""
+    return view.cols % 4 == 0 and tiling.block_n % 4 == 0 and offset % 4 == 0
+
+
 def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, offset, sample, kl, reduction):
     """One pass over the inputs: z (when ``sample``) and the KL reduced by ``reduction`` (when ``kl``)."""
     if not kl:
@@ -224,7 +231,7 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, of
     _sample_kl_forward_kernel[(tiling.n_col_blocks * tiling.n_row_chunks,)](
         *operands, z, kl_buffer, *view.strides, view.rows, view.cols, view.dims, numel, n_samples, seed, offset,
         tiling.n_col_blocks, tiling.row_steps,
-        SAMPLE=bool(sample), KL_MODE=kl_mode, HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
+        SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=kl_mode, HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(kl_dtype), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
         num_warps=tiling.num_warps,
@@ -289,7 +296,7 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
         mu_e, lv_e, pmu_e, plv_e, grad_z, gkl_e, dmu, dlv, dpmu, dplv,
         *view.strides, grad_z.stride(0) if grad_z is not None else 0,
         view.rows, view.cols, view.dims, mu.numel(), n_samples, seed, offset, tiling.n_col_blocks, tiling.row_steps,
-        HAS_DZ=grad_z is not None, HAS_GKL=gkl_e is not None, HAS_PMU=pmu_e is not None,
+        HAS_DZ=grad_z is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), HAS_GKL=gkl_e is not None, HAS_PMU=pmu_e is not None,
         HAS_PLV=plv_e is not None, WRITE_DMU=need_mu, WRITE_DLV=need_lv,
         PMU_MODE=pmu_mode, PLV_MODE=plv_mode,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),

@@ -1,15 +1,19 @@
 """Philox4x32-10 noise, the readable specification the kernels regenerate bit for bit.
 
-Element ``i`` of a sample gets the counter ``(offset + i) mod 2^64`` as two 32-bit words
-``(lo, hi, 0, 0)`` and the key ``(seed lo, seed hi)``; of the four 32-bit outputs, the first two
-become a standard normal by the Box-Muller transform::
+The noise of logical element ``j`` (``offset`` plus the element's row-major index, samples one
+after another) is normal number ``j mod 4`` of Philox block ``j div 4``. A block is one
+Philox4x32-10 call: counter ``c = j div 4`` as the 32-bit words ``(c lo, c hi, 0, 0)``, key
+``(seed lo, seed hi)``; its four output words ``r0..r3`` make two Box-Muller pairs, both halves of
+each used (as cuRAND's ``curand_normal4`` and PyTorch's generators do)::
 
-    u1 = ((r0 >> 8) + 1) / 2^24      in (0, 1], so log(u1) is finite
-    u2 = (r1 >> 8) / 2^24            in [0, 1)
-    eps = sqrt(-2 log u1) * cos(2 pi u2)
+    u1 = ((r0 >> 8) + 1) / 2^24     in (0, 1], so log(u1) is finite;    u2 = (r1 >> 8) / 2^24 in [0, 1)
+    normals 0, 1 = sqrt(-2 log u1) * (cos(2 pi u2), sin(2 pi u2))
+    normals 2, 3 = the same of (r2, r3)
 
-All integer arithmetic is exact in int64 (no product exceeds 2^63), so the reference matches the
-kernels' uint32 arithmetic exactly; only the final float log/cos may differ by rounding.
+So one call serves four elements: a kernel whose tile covers whole blocks draws each block once;
+any tiling still regenerates any element's noise from its logical index alone. All integer
+arithmetic is exact in int64 (no product exceeds 2^63), so the words match the kernels' uint32
+arithmetic exactly; only the float log, sqrt, cos and sin may differ by rounding.
 """
 
 from __future__ import annotations
@@ -58,11 +62,11 @@ def philox4x32(
 def philox_normal(
     seed: int, offset: int, numel: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """``numel`` standard normals for logical indices ``0 .. numel-1`` under ``(seed, offset)``.
+    """``numel`` standard normals for logical indices ``offset .. offset + numel - 1`` under ``seed``.
 
     Args:
         seed: key, 0 <= seed < 2^64.
-        offset: added to every logical index before it becomes the counter.
+        offset: the logical index of the first normal (index ``j`` is lane ``j % 4`` of block ``j // 4``).
         numel: how many normals.
         dtype: float32 or float64; the Box-Muller transform runs in this dtype.
 
@@ -74,6 +78,8 @@ def philox_normal(
         >>> eps = philox_normal(seed=1234, offset=0, numel=5)
         >>> eps.shape
         torch.Size([5])
+        >>> bool(eps[1] == philox_normal(seed=1234, offset=1, numel=1)[0])
+        True
     """
     if torch.device(device).type == "cpu" and numel > CPU_CHUNK:
         out = torch.empty(numel, dtype=dtype)
@@ -85,9 +91,19 @@ def philox_normal(
 
 
 def _box_muller_of_philox(seed: int, offset: int, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    index = torch.arange(numel, dtype=torch.int64, device=device) + offset
-    counter = (index & MASK32, (index >> 32) & MASK32, torch.zeros_like(index), torch.zeros_like(index))
-    r0, r1, _, _ = philox4x32(counter, (seed & MASK32, (seed >> 32) & MASK32))
-    u1 = ((r0 >> 8) + 1).to(dtype) * 2.0**-24
-    u2 = (r1 >> 8).to(dtype) * 2.0**-24
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    if numel == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    first, last = offset >> 2, (offset + numel - 1) >> 2
+    block = torch.arange(last - first + 1, dtype=torch.int64, device=device) + first
+    counter = (block & MASK32, (block >> 32) & MASK32, torch.zeros_like(block), torch.zeros_like(block))
+    r0, r1, r2, r3 = philox4x32(counter, (seed & MASK32, (seed >> 32) & MASK32))
+    normals = torch.stack([*_box_muller_pair(r0, r1, dtype), *_box_muller_pair(r2, r3, dtype)], dim=-1)
+    start = offset & 3
+    flat = normals.reshape(-1)
+    return flat if start == 0 and flat.numel() == numel else flat[start : start + numel].clone()  # a fresh tensor
+
+
+def _box_muller_pair(ra: torch.Tensor, rb: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    radius = torch.sqrt(-2.0 * torch.log(((ra >> 8) + 1).to(dtype) * 2.0**-24))
+    angle = (2.0 * math.pi) * ((rb >> 8).to(dtype) * 2.0**-24)
+    return radius * torch.cos(angle), radius * torch.sin(angle)

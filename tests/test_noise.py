@@ -1,0 +1,124 @@
+"""The Philox noise on every path that draws it: its statistics, and the paths' agreement.
+
+Paths: the reference (:func:`fusedvae.reference.philox_normal`), and the kernels' two ways to draw
+the same numbers (Triton's interpreter without a GPU): whole Philox blocks (one call per four
+normals: rows whose length and offset are multiples of 4) and one block per element (any other
+tiling). Every statistic is checked on each; thresholds are about 5 standard errors, and the
+inputs are fixed, so a pass is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedvae as fv  # noqa: E402
+from fusedvae import reference  # noqa: E402
+from fusedvae.kernels import sample_kl as ksample_kl  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+N_SAMPLES = 4
+
+
+def _kernel_noise(cols: int, rows: int = 64):
+    """eps = z of mu = 0, lv = 0 on the Triton backend: (N_SAMPLES, rows, cols), float64 on the CPU."""
+    zeros = torch.zeros(rows, cols, device=DEVICE)
+    with fv.use_backend("triton"):
+        eps = fv.rsample(zeros, zeros, n_samples=N_SAMPLES, generator=torch.Generator(device=DEVICE).manual_seed(1))
+    return eps.double().cpu()
+
+
+PATHS = {
+    # name: draws (N_SAMPLES, rows, cols) eps. Any other tiling draws the same bits as one of these
+    # (test_the_two_kernel_paths_draw_the_same_bits).
+    "reference": lambda mp: reference.philox_normal(123456789, 2**40 + 4, N_SAMPLES * 64 * 256, dtype=F64)
+    .reshape(N_SAMPLES, 64, 256),
+    "kernel whole blocks": lambda mp: _kernel_noise(256),
+    "kernel per element (row of 255)": lambda mp: _kernel_noise(255),
+}
+
+
+def test_whole_blocks_is_the_path_taken():
+    """The launcher's choice: rows and offsets that are multiples of 4 and 4-wide tiles draw whole blocks."""
+    view = ksample_kl._common.row_plan(torch.zeros(64, 256), [])[1]
+    tiling = ksample_kl._common.row_tiling(view.rows, view.cols, torch.device("cpu"))
+    assert ksample_kl._whole_blocks(view, tiling, offset=8)
+    assert not ksample_kl._whole_blocks(view, tiling, offset=6)
+    odd = ksample_kl._common.row_plan(torch.zeros(64, 255), [])[1]
+    assert not ksample_kl._whole_blocks(odd, ksample_kl._common.row_tiling(odd.rows, odd.cols, torch.device("cpu")), 8)
+    assert fv.seeding.draw_seed_offset(torch.Generator().manual_seed(5))[1] % 4 == 0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_noise_statistics_on_every_path(path, monkeypatch):
+    """Moments, a Kolmogorov-Smirnov test, tails to 3 sigma, independence across samples and neighbours."""
+    eps = PATHS[path](monkeypatch)
+    x = eps.flatten()
+    n = x.numel()
+    mean, var = x.mean().item(), x.var().item()
+    standard = (x - mean) / var**0.5
+    assert abs(mean) < 5 / n**0.5
+    assert abs(var - 1) < 5 * (2 / n) ** 0.5
+    assert abs((standard**3).mean().item()) < 5 * (6 / n) ** 0.5
+    assert abs((standard**4).mean().item() - 3) < 5 * (24 / n) ** 0.5
+    # Kolmogorov-Smirnov against N(0, 1): sqrt(n) D > 1.95 has p = 0.001
+    cdf = torch.special.ndtr(x.sort().values)
+    grid = torch.arange(1, n + 1, dtype=F64) / n
+    d = torch.maximum(grid - cdf, cdf - (grid - 1 / n)).max().item()
+    assert d * n**0.5 < 1.95, d * n**0.5
+    # tails: the count beyond t sigma is binomial(n, 2 (1 - Phi(t)))
+    for t in (1.0, 2.0, 3.0):
+        p = math.erfc(t / 2**0.5)
+        count = (x.abs() > t).sum().item()
+        assert abs(count - n * p) < 5 * (n * p * (1 - p)) ** 0.5 + 1, (t, count, n * p)
+    # independence: across samples, and between logical neighbours 1..8 apart (one Philox block is 4 wide)
+    per_sample = eps.reshape(N_SAMPLES, -1)
+    m = per_sample.shape[1]
+    corr = torch.corrcoef(per_sample)
+    assert corr[~torch.eye(N_SAMPLES, dtype=torch.bool)].abs().max().item() < 5 / m**0.5
+    for lag in range(1, 9):
+        r = torch.corrcoef(torch.stack([x[:-lag], x[lag:]]))[0, 1].item()
+        assert abs(r) < 5 / n**0.5, (lag, r)
+        # the two halves of a Box-Muller pair are uncorrelated, but so must be their squares
+        r2 = torch.corrcoef(torch.stack([x[:-lag] ** 2, x[lag:] ** 2]))[0, 1].item()
+        assert abs(r2) < 5 / n**0.5, (lag, r2)
+
+
+def test_reference_tails_to_5_sigma():
+    """2^21 reference normals beyond 4 sigma, and the exact count of 24-bit u1 whose radius passes 5 sigma."""
+    x = reference.philox_normal(99, 2**33, 2**21, dtype=F64)
+    p = math.erfc(4 / 2**0.5)
+    count = (x.abs() > 4).sum().item()
+    assert abs(count - x.numel() * p) < 5 * (x.numel() * p) ** 0.5, (count, x.numel() * p)
+    # radius = sqrt(-2 log u1), u1 = k / 2^24: P(radius > t) = P(u1 < exp(-t^2 / 2)), to one value of k in 2^24
+    k = torch.arange(1, 2**24 + 1, dtype=F64)
+    radius = torch.sqrt(-2.0 * torch.log(k * 2.0**-24))
+    for t in (4.0, 5.0, 5.5):
+        assert abs((radius > t).sum().item() - 2**24 * math.exp(-t * t / 2)) <= 1.0
+    assert 5.7 < radius.max().item() < 5.8  # the largest |normal| a 24-bit u1 can give
+
+
+@pytest.mark.parametrize("cols", [12, 20])
+def test_the_two_kernel_paths_draw_the_same_bits(gen, monkeypatch, cols):
+    """Whole blocks (4-wide tiles) and one block per element (2-wide tiles): bitwise the same z and gradients."""
+    mu = torch.randn(5, cols, generator=gen).to(DEVICE).requires_grad_()
+    lv = torch.randn(5, cols, generator=gen).to(DEVICE).requires_grad_()
+    gz = torch.randn(3, 5, cols, generator=gen).to(DEVICE)
+    kw = dict(n_samples=3, seed=2**61 + 12345, offset=2**33 - 8, sample=True, kl=False, reduction="sum")
+    results = []
+    for tiling in ((4, 8, 1), (2, 2, 3)):
+        monkeypatch.setattr(ksample_kl, "TILING_OVERRIDE", tiling)
+        z, _ = ksample_kl.rsample_kl(mu, lv, None, None, **kw)
+        results.append([z, *torch.autograd.grad(z, [mu, lv], gz)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=3, seed=kw["seed"],
+                             offset=kw["offset"])
+    torch.testing.assert_close(results[0][0].double(), want, rtol=1e-5, atol=1e-5)
