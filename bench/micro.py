@@ -21,12 +21,12 @@ from . import baselines
 from .bytes import MODES, bytes_min
 from .device import environment, threads
 from .providers import MICRO_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context, uses_baseline
-from .timing import peak_memory_mb, saved_mb, time_interleaved_ms
+from .timing import clock_name, peak_memory_mb, saved_mb, time_interleaved_ms
 
 COLUMNS = (
     "op", "variant", "provider", "backend", "mode", "dtype", "shape", "numel", "bytes_min",
-    "time_ms_p50", "time_ms_p20", "time_ms_p80", "gbps", "roofline_fraction", "peak_mem_mb", "saved_mb", "copy_gbps",
-    "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
+    "time_ms_p50", "time_ms_p20", "time_ms_p80", "clock", "gbps", "roofline_fraction", "peak_mem_mb", "saved_mb",
+    "copy_gbps", "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
 )
 
 # Size sweeps: latents (B, D), images (B, C, H, W).
@@ -231,7 +231,7 @@ def _measure(variant: Variant, fns: dict[str, Callable], shape, dtype, device, *
         bases[provider] = {
             "op": variant.op, "variant": variant.variant, "provider": provider, "dtype": _dtype_name(dtype),
             "shape": "x".join(map(str, shape)), "numel": math.prod(shape), "copy_gbps": copy_gbps,
-            "threads": threads(device), "preset": preset, "note": "",
+            "threads": threads(device), "preset": preset, "note": "", "clock": clock_name(device),
         }
         try:
             with provider_context(provider):

@@ -4,6 +4,8 @@
   warms up for ``warmup`` ms and repeats for ``rep`` ms), quantiles 0.5 / 0.2 / 0.8.
 - CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (blocks of calls, each block's mean a
   sample) after warm-up calls, topped up to at least :data:`MIN_BLOCKS` samples; the same quantiles.
+  With one torch thread (the ``--quick`` default) the clock is the process's CPU time
+  (:func:`cpu_clock`): on a shared machine, wall time counts whatever other processes hold the core.
 - Peak memory: on a GPU the caching allocator's peak during one call above what was allocated
   before it; on a CPU the same figure from the profiler's allocation records (``profile_memory``).
 - Saved for backward: the bytes of every tensor autograd saves while a forward runs
@@ -31,6 +33,24 @@ def tiny() -> bool:
     return os.environ.get("FUSEDVAE_BENCH_TINY", "0") not in ("", "0")
 
 
+def cpu_clock() -> Callable[[], float]:
+    """The clock of CPU timings: the process's CPU time with one torch thread, else wall time.
+
+    With one thread the CPU time of the process is the time the call computes: on an idle machine
+    the same as wall time, on a shared one without the slices other processes take (a loaded 2-core
+    machine made wall-clock medians of one case vary 5x between runs). With several threads it
+    would add the threads' times up, so wall time is used.
+    """
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def clock_name(device) -> str:
+    """What the time columns measure on ``device``: ``cuda-events``, ``process-cpu`` or ``wall``."""
+    if _is_cuda(device):
+        return "cuda-events"
+    return "process-cpu" if cpu_clock() is time.process_time else "wall"
+
+
 def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
@@ -52,7 +72,7 @@ def time_ms(
 
     for _ in range(warmup):
         fn()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=cpu_clock())
     if tiny():
         min_run_time = min(min_run_time, 0.005)
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
@@ -99,7 +119,8 @@ def time_interleaved_ms(
             start = time.perf_counter()
             fn()
             once = time.perf_counter() - start
-        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(),
+                                       timer=cpu_clock())
         numbers[name] = max(1, int(0.01 / max(once, 1e-7)))
         samples[name] = []
     deadline = time.perf_counter() + 20 * max(min_run_time, 0.05) * len(functions)  # a hard cap for slow calls

@@ -9,7 +9,8 @@ forward pass and loss go through ``torch.compile`` (AOTAutograd compiles the bac
 the optimizer step (Adam) is the same eager call for every provider.
 
 A step is ``zero_grad; loss = model(x); loss.backward(); opt.step()`` timed wall-clock with the
-device synchronised before and after; the batch is indexed from device memory before the clock
+device synchronised before and after (on a CPU with one torch thread, the process's CPU time:
+:func:`bench.timing.cpu_clock`); the batch is indexed from device memory before the clock
 starts. The providers' steps are interleaved (step k of each provider in turn, on the same batch),
 so drifting machine conditions hit all of them alike. Step time is the median over the steps after
 warm-up (the first warm-up step includes compilation and is reported apart as ``first_step_ms``).
@@ -39,11 +40,11 @@ from .data import describe, load_dataset
 from .device import distributed_env, environment, synchronize, threads
 from .models import ModelSpec, use_baselines
 from .providers import TRAIN_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context, uses_baseline
-from .timing import peak_memory_mb, saved_mb
+from .timing import clock_name, cpu_clock, peak_memory_mb, saved_mb
 
 COLUMNS = (
     "model", "variant", "provider", "backend", "dtype", "batch", "world_size", "steps", "warmup_steps",
-    "step_ms_p50", "step_ms_p20", "step_ms_p80", "first_step_ms", "samples_per_s", "peak_mem_mb", "saved_mb",
+    "step_ms_p50", "step_ms_p20", "step_ms_p80", "clock", "first_step_ms", "samples_per_s", "peak_mem_mb", "saved_mb",
     "final_loss",
     "data", "params", "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
 )
@@ -138,11 +139,12 @@ class Runner:
                 synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
+            clock = time.perf_counter if self.device.type == "cuda" else cpu_clock()
             synchronize(self.device)
-            start = time.perf_counter()
+            start = clock()
             self.last_loss = self.step(x)
             synchronize(self.device)
-            self.times.append(time.perf_counter() - start)
+            self.times.append(clock() - start)
             if measure_memory:
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 self.peak_mb = peak if math.isnan(self.peak_mb) else max(self.peak_mb, peak)
@@ -281,7 +283,8 @@ def run_train(
         for provider in chosen:
             row = {"model": spec.model, "variant": spec.variant, "provider": provider, "dtype": dtype_name(dtype),
                    "batch": spec.batch, "world_size": world, "steps": steps, "warmup_steps": warmup,
-                   "data": describe(data), "threads": threads(device), "preset": preset, "note": ""}
+                   "data": describe(data), "threads": threads(device), "preset": preset, "note": "",
+                   "clock": "wall" if device.type == "cuda" else clock_name(device)}
             row.update(results.get(provider, {"note": "not run"}))
             row.update(env)
             row = {column: row.get(column, math.nan) for column in COLUMNS}
