@@ -363,6 +363,22 @@ def test_two_runs_bitwise_equal(gen, monkeypatch, reduction):
         assert torch.equal(a, b)
 
 
+def test_int64_index_path_gives_the_same_bits(gen, monkeypatch):
+    """The 64-bit index math (taken where an offset may pass 2^31) gives the bits of the 32-bit one."""
+    leaves = [randn(gen, s).float().requires_grad_() for s in ((6, 12), (6, 12), (12,), (6, 1))]
+    gz = randn(gen, (2, 6, 12)).float()
+
+    def run():
+        z, kl = ksample_kl.rsample_kl(*leaves, n_samples=2, seed=5, offset=2**40 + 8, sample=True, kl=True,
+                                      reduction="per_dim")
+        return [z, kl, *torch.autograd.grad([z, kl], leaves, [gz, torch.full_like(kl, 0.5)])]
+
+    narrow = run()
+    monkeypatch.setattr(kcommon, "INT32_LIMIT", 1)
+    for a, b in zip(narrow, run()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("prior_logvar", [None, 0.3])
 def test_kl_and_its_gradient_accurate_near_collapse(prior_logvar):
     """|d| from 1e-6 up through the series cutoff: relative error < 1e-5 in float32 (the textbook form has 100%)."""

@@ -52,11 +52,14 @@ def _load(ptr, rows, col_off, strides, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(N, n_col_blocks, row_steps, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+def _program_tile(N, n_col_blocks, row_steps, INT64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's column block, row chunk, columns and first row; int64 index math only when ``INT64``."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
     pid_n = pid % n_col_blocks
     pid_b = pid // n_col_blocks
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return pid_n, pid_b, cols, cols < N, pid_b * row_steps * BLOCK_B
 
 
@@ -67,10 +70,10 @@ def _sample_kl_forward_kernel(
     B, N, dims, numel, n_samples, seed: tl.int64, offset: tl.int64, n_col_blocks, row_steps,
     SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
-    INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr,
+    INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr, INT64: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, BLOCK_B, BLOCK_N)
+    pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
     mu_col = column_offsets(cols, dims, mu_st, INNER_RANK)
     lv_col = column_offsets(cols, dims, lv_st, INNER_RANK)
     out_col = column_offsets(cols, dims, out_st, INNER_RANK)
@@ -80,7 +83,7 @@ def _sample_kl_forward_kernel(
         plv_col = column_offsets(cols, dims, plv_st, INNER_RANK)
     acc = tl.zeros([BLOCK_N], dtype=KL_DTYPE)
     for step in range(0, row_steps):
-        rows = row0 + step * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        rows = row0 + step * BLOCK_B + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         mask = row_mask[:, None] & col_mask[None, :]
         out_off = rows[:, None] * out_st[0] + out_col[None, :]
@@ -89,7 +92,7 @@ def _sample_kl_forward_kernel(
         if SAMPLE:
             mu_s = mu.to(SAMPLE_DTYPE)
             sd = tl.exp(0.5 * lv.to(SAMPLE_DTYPE))
-            first = offset + rows * N + pid_n * BLOCK_N  # each row's first logical index: it keys the noise
+            first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)  # each row's first logical index: keys the noise
             z_off = out_off
             for _ in range(0, n_samples):
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE)
@@ -106,7 +109,7 @@ def _sample_kl_forward_kernel(
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, KL_DTYPE)
                 d = d - plv
                 maha = maha * tl.exp(-plv)
-            g, _ = _exp_minus_one_minus_x(d)
+            g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64)
             acc = emit_step(0.5 * (g + maha), acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE)
     emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE)
 
@@ -120,10 +123,10 @@ def _sample_kl_backward_kernel(
     HAS_DZ: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
-    INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, INT64: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, BLOCK_B, BLOCK_N)
+    pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
     lv_col = column_offsets(cols, dims, lv_st, INNER_RANK)
     out_col = column_offsets(cols, dims, out_st, INNER_RANK)
     if HAS_GKL:
@@ -138,7 +141,7 @@ def _sample_kl_backward_kernel(
     acc_pmu = tl.zeros([BLOCK_N], dtype=GRAD_DTYPE)
     acc_plv = tl.zeros([BLOCK_N], dtype=GRAD_DTYPE)
     for step in range(0, row_steps):
-        rows = row0 + step * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        rows = row0 + step * BLOCK_B + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         mask = row_mask[:, None] & col_mask[None, :]
         out_off = rows[:, None] * out_st[0] + out_col[None, :]
@@ -150,7 +153,7 @@ def _sample_kl_backward_kernel(
             sd = tl.exp(0.5 * lv.to(SAMPLE_DTYPE))
             dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :]
             dz_eps = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
-            first = offset + rows * N + pid_n * BLOCK_N
+            first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)
             for _ in range(0, n_samples):
                 dz = tl.load(dz_base, mask=mask, other=0.0).to(GRAD_DTYPE)
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE)
@@ -171,7 +174,7 @@ def _sample_kl_backward_kernel(
                 weighted = diff * tl.exp(-plv)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
             else:
                 weighted = diff
-            _, em1 = _exp_minus_one_minus_x(d)  # dkl/dlv = (e^d - 1) / 2
+            _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64)  # dkl/dlv = (e^d - 1) / 2
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if PMU_MODE != OFF:  # dkl/dmu_p = -dkl/dmu
@@ -233,7 +236,8 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, of
         tiling.n_col_blocks, tiling.row_steps,
         SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=kl_mode, HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
-        KL_DTYPE=_common.tl_dtype(kl_dtype), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
+        KL_DTYPE=_common.tl_dtype(kl_dtype), INT64=_common.row_view_needs_int64(view, tiling, n_samples),
+        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
         num_warps=tiling.num_warps,
     )
     if kl_mode in (OFF, ELEMENTWISE):
@@ -300,7 +304,9 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
         HAS_PLV=plv_e is not None, WRITE_DMU=need_mu, WRITE_DLV=need_lv,
         PMU_MODE=pmu_mode, PLV_MODE=plv_mode,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),
-        GRAD_DTYPE=_common.tl_dtype(grad_dtype), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
+        GRAD_DTYPE=_common.tl_dtype(grad_dtype),
+        INT64=_common.row_view_needs_int64(view, tiling, n_samples, grad_z.stride(0) if grad_z is not None else 0),
+        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
         num_warps=tiling.num_warps,
     )
 
