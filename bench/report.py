@@ -355,7 +355,7 @@ def _accuracy_section(accuracy: pd.DataFrame) -> list[str]:
                              aggfunc="first", sort=False)
     body = []
     for (case, variant, value, what), row in pivot.iterrows():
-        where = f"|lv − lv_p| = {value:g}" if case == "kl_normal" else f"log σ = {value:g}"
+        where = f"lv − lv_p = {value:g}" if case == "kl_normal" else f"log σ = {value:g}"  # no "|": a table
         body.append([case, variant, where, what] + [f"{row.get(p, math.nan):.1e}" for p in providers])
     return ["## Accuracy", "",
             "float32 error against float64 (max |error| / max |float64 value|; `bench/accuracy.py`): the KL near "
