@@ -552,20 +552,27 @@ def exp_f32(x):
     return p * scale1 * scale2
 
 
+_INF = tl.constexpr(float("inf"))
+_NAN_BITS = tl.constexpr(0x7FC00000)  # a NaN global would never compare equal to itself: Triton's cache check fails
+
+
 @triton.jit
-def log_f32(v):
-    # v = 2^e (1 + f), 1 + f in [sqrt(1/2), sqrt(2)), f exact. As in fdlibm: log(1 + f) = f - (h - s (h + R)),
-    # h = f^2/2, s = f/(2 + f), R = s^2 (2/3 + 2/5 s^2 + 2/7 s^4 + 2/9 s^6) (truncation 1e-9 relative);
-    # the exact f carries the result, the rounded terms are corrections. Zero, negative, subnormal,
-    # infinite and NaN inputs take tl.log's answer.
+def log_positive_f32(v, e_shift=0):
+    """``log(v * 2^-e_shift)`` for positive, normal, finite float32 ``v``, <= 1 ulp: no special cases, no libdevice.
+
+    ``v = 2^e (1 + f)``, ``1 + f`` in [sqrt(1/2), sqrt(2)), ``f`` exact. As in fdlibm: ``log(1 + f) = f - (h -
+    s (h + R))``, ``h = f^2/2``, ``s = f/(2 + f)``, ``R = s^2 (2/3 + 2/5 s^2 + 2/7 s^4 + 2/9 s^6)``
+    (truncation 1e-9 relative); the exact ``f`` carries the result, the rounded terms are corrections
+    (so ``s`` may use the approximate division: it costs < 0.01 ulp of the result).
+    """
     bits = v.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127
+    e = ((bits >> 23) & 0xFF) - 127 - e_shift
     m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
     big = m > 1.4142135623730951
     m = tl.where(big, m * 0.5, m)
     e = tl.where(big, e + 1, e)
     f = m - 1.0
-    s = tl.math.div_rn(f, 2.0 + f)
+    s = f / (2.0 + f)
     z = s * s
     R = z * 0.2222222222222222 + 0.2857142857142857
     R = R * z + 0.4
@@ -573,9 +580,18 @@ def log_f32(v):
     R = R * z
     h = 0.5 * f * f
     ef = e.to(tl.float32)
-    result = ef * 0.693145751953125 - ((h - (s * (h + R) + ef * 1.4286068203094173e-06)) - f)
-    normal = (v >= 1.1754943508222875e-38) & (v <= 3.4028234663852886e38)
-    return tl.where(normal, result, tl.log(v))
+    return ef * 0.693145751953125 - ((h - (s * (h + R) + ef * 1.4286068203094173e-06)) - f)
+
+
+@triton.jit
+def log_f32(v):
+    """``log(v)`` for every float32 ``v``, <= 1 ulp: subnormals are scaled by 2^23 first; 0 gives -inf, +inf
+    gives +inf, a negative or NaN ``v`` NaN (the special cases cost a few selects, not libdevice's log too)."""
+    subnormal = v < 1.1754943508222875e-38
+    result = log_positive_f32(tl.where(subnormal, v * 8388608.0, v), tl.where(subnormal, 23, 0))
+    result = tl.where(v == _INF, _INF, result)
+    nan = tl.full(v.shape, _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(v > 0.0, result, tl.where(v == 0.0, -_INF, nan))
 
 
 @triton.jit
