@@ -36,10 +36,19 @@ from torch.distributions import Normal as _TorchNormal
 from torch.distributions.utils import _sum_rightmost, broadcast_all
 
 from . import functional as fvf
+from . import validation as check
 
 __all__ = ["DiagonalNormal", "Normal", "kl_divergence"]
 
 _HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
+
+
+def _broadcast_shape(name: str, shape: torch.Size, other_name: str, other: torch.Size) -> torch.Size:
+    """Their broadcast, else a ShapeError: a ValueError, and the RuntimeError torch's arithmetic raises."""
+    out = check.broadcast_shape(shape, other)
+    if out is None:
+        raise check.ShapeError(f"{name} {tuple(shape)} does not broadcast with {other_name} {tuple(other)}")
+    return out
 
 
 class Normal(_TorchNormal):
@@ -124,11 +133,10 @@ class Normal(_TorchNormal):
         """``log N(value; loc, scale^2)`` elementwise, ``value`` broadcast with ``batch_shape`` (as torch)."""
         if self._validate_args:
             self._validate_sample(value)
-        value = torch.as_tensor(value, device=self.loc.device)
-        if not value.dtype.is_floating_point:
-            value = value.to(self.loc.dtype)
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         log_scale = 0.5 * self._logvar if self._logvar is not None else torch.log(self.scale)
-        shape = torch.broadcast_shapes(value.shape, self.loc.shape)
+        shape = _broadcast_shape("value", value.shape, "batch_shape", self.loc.shape)
         return -fvf.gaussian_nll(value.expand(shape), self.loc.expand(shape), log_scale, reduction="none", full=True)
 
     def entropy(self) -> torch.Tensor:
@@ -206,7 +214,7 @@ def _logvar(d: _TorchNormal) -> torch.Tensor:
 
 def _kl_normal(p: _TorchNormal, q: _TorchNormal) -> torch.Tensor:
     """Elementwise ``KL(p || q)``, shape ``broadcast(p.batch_shape, q.batch_shape)``, by :func:`fusedvae.kl_normal`."""
-    shape = torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    shape = _broadcast_shape("p.batch_shape", p.batch_shape, "q.batch_shape", q.batch_shape)
     # kl_normal's prior broadcasts to the posterior, never the other way: widen the posterior (a view).
     mu, logvar = p.loc.expand(shape), _logvar(p).expand(shape)
     return fvf.kl_normal(mu, logvar, q.loc, _logvar(q), reduction="none")
