@@ -122,3 +122,23 @@ def test_the_two_kernel_paths_draw_the_same_bits(gen, monkeypatch, cols):
     want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=3, seed=kw["seed"],
                              offset=kw["offset"])
     torch.testing.assert_close(results[0][0].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [2**33 + 8, 2**33 + 7])
+def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypatch, offset):
+    """A posterior too small to fill the device: samples become rows across programs, the same bits as the loop."""
+    mu = torch.randn(3, 4, generator=gen).to(DEVICE).requires_grad_()
+    lv = torch.randn(3, 4, generator=gen).to(DEVICE).requires_grad_()
+    kw = dict(n_samples=64, seed=77, offset=offset, sample=True, kl=True, reduction="per_sample")
+    launches = []
+    real = ksample_kl._samples_as_rows
+    monkeypatch.setattr(ksample_kl, "_samples_as_rows", lambda *a: launches.append(a) or real(*a))
+    spread = ksample_kl.rsample_kl(mu, lv, None, None, **kw)
+    assert len(launches) == 1
+    monkeypatch.setattr(ksample_kl._common, "target_programs", lambda device: 1)  # the posterior "fills" it
+    looped = ksample_kl.rsample_kl(mu, lv, None, None, **kw)
+    assert len(launches) == 1
+    for a, b in zip(spread, looped):
+        assert torch.equal(a, b)
+    want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=64, seed=77, offset=offset)
+    torch.testing.assert_close(spread[0].double(), want, rtol=1e-5, atol=1e-5)

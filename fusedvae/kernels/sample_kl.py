@@ -204,6 +204,33 @@ def _whole_blocks(view: _common.StridedView, tiling: _common.RowTiling, offset: 
     return view.cols % 4 == 0 and tiling.block_n % 4 == 0 and offset % 4 == 0
 
 
+def _samples_as_rows(mu, logvar, z, n_samples, seed, offset) -> bool:
+    """Draw z over the view ``(n_samples, *mu.shape)`` (mu and lv broadcast along the samples), one sample loop step.
+
+    When the posterior alone would leave the device idle (IWAE: a small posterior, thousands of samples),
+    the samples become rows and spread across programs; the logical index ``k * mu.numel() + i`` is
+    the row-major index of that view, so the noise is the same. False (nothing launched) when the
+    layout does not merge to three column dims.
+    """
+    shape3 = (n_samples, *mu.shape)
+    out = torch.empty_strided(shape3, z.stride(), device="meta")
+    operands = [mu.unsqueeze(0).expand(shape3), logvar.unsqueeze(0).expand(shape3), out]
+    view, passed = _common.strided_view(torch.Size(shape3), operands)
+    if passed[-1] is not out:
+        return False
+    tiling = _common.row_tiling(view.rows, view.cols, mu.device, TILING_OVERRIDE)
+    mu_st, lv_st, out_st = view.strides
+    _sample_kl_forward_kernel[(tiling.n_col_blocks * tiling.n_row_chunks,)](
+        passed[0], passed[1], None, None, z, None, mu_st, lv_st, (0, 0, 0, 0), (0, 0, 0, 0), out_st,
+        view.rows, view.cols, view.dims, z.numel(), 1, seed, offset, tiling.n_col_blocks, tiling.row_steps,
+        SAMPLE=True, WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=OFF, HAS_PMU=False, HAS_PLV=False,
+        INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
+        KL_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)), INT64=_common.row_view_needs_int64(view, tiling),
+        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
+    )
+    return True
+
+
 def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, offset, sample, kl, reduction):
     """One pass over the inputs: z (when ``sample``) and the KL reduced by ``reduction`` (when ``kl``)."""
     if not kl:
@@ -231,14 +258,19 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, of
     elif kl_mode != OFF:
         partials = _common.partial_shape(kl_mode, view, tiling)
         kl_buffer = _common.empty(partials, kl_dtype, device)
-    _sample_kl_forward_kernel[(tiling.n_col_blocks * tiling.n_row_chunks,)](
+    programs = tiling.n_col_blocks * tiling.n_row_chunks
+    if sample and n_samples > 1 and programs < _common.target_programs(device):
+        sample = not _samples_as_rows(mu, logvar, z, n_samples, seed, offset)
+        if not sample and kl_mode == OFF:
+            return z, None
+    _sample_kl_forward_kernel[(programs,)](
         *operands, z, kl_buffer, *view.strides, view.rows, view.cols, view.dims, numel, n_samples, seed, offset,
         tiling.n_col_blocks, tiling.row_steps,
-        SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=kl_mode, HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
+        SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=kl_mode,
+        HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(kl_dtype), INT64=_common.row_view_needs_int64(view, tiling, n_samples),
-        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
-        num_warps=tiling.num_warps,
+        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
     )
     if kl_mode in (OFF, ELEMENTWISE):
         return z, kl_buffer
