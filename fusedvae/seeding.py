@@ -14,7 +14,13 @@ _SEED_BOUND = 2**62  # seed + offset + any logical index stays below 2^63
 
 
 def draw_seed_offset(generator: torch.Generator | None = None) -> tuple[int, int]:
-    """Two independent integers in ``[0, 2^62)`` from ``generator`` (torch's default when None); the offset a multiple of 4.
+    """Two independent integers in ``[0, 2^62)`` from ``generator`` (torch's default: None), the offset a multiple of 4.
+
+    Example::
+
+        >>> seed, offset = draw_seed_offset(torch.Generator().manual_seed(0))
+        >>> offset % 4
+        0
 
     A multiple-of-4 offset starts a Philox block (four normals, :mod:`fusedvae.reference.philox`), so a
     kernel whose rows are multiples of 4 long draws each block once rather than once per element.

@@ -145,7 +145,7 @@ def philox_normal_tile(seed, blocks, DTYPE: tl.constexpr):
 
 @triton.jit
 def philox_normal_rows(seed, first, BLOCK_N: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, DTYPE: tl.constexpr):
-    """``(R, BLOCK_N)`` normals: row ``r`` holds logical indices ``first[r] .. first[r] + BLOCK_N - 1`` (int64 ``first``).
+    """``(R, BLOCK_N)`` normals: row ``r`` holds logical indices ``first[r] ..`` ``first[r] + BLOCK_N - 1`` (int64).
 
     ``WHOLE_BLOCKS`` (every ``first`` a multiple of 4, ``BLOCK_N`` too) draws each Philox block once.
     """
@@ -182,7 +182,7 @@ _BLOCK = 1024
 
 
 def philox_words(seed: int, offset: int, numel: int, *, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The raw Philox words ``(r0, r1, r2, r3)`` of the counters ``offset .. offset + numel - 1``, an int64 ``(4, numel)``.
+    """The raw Philox words ``(r0, r1, r2, r3)`` of counters ``offset .. offset + numel - 1``: int64 ``(4, numel)``.
 
     Compare with :func:`fusedvae.reference.philox4x32`. Runs on CUDA tensors, or on CPU under
     ``TRITON_INTERPRET=1``. Example::
@@ -199,7 +199,7 @@ def philox_words(seed: int, offset: int, numel: int, *, device: torch.device | s
 def philox_normal(
     seed: int, offset: int, numel: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """``numel`` normals for logical indices ``offset .. offset + numel - 1``, as :func:`fusedvae.reference.philox_normal`.
+    """``numel`` normals of logical indices ``offset .. offset + numel - 1``, as the reference's ``philox_normal``.
 
     A multiple-of-4 ``offset`` takes the kernels' whole-block path (:func:`philox_normal_tile`), any
     other the per-element one (:func:`philox_normal_at`). Example::

@@ -17,13 +17,10 @@ forward ``(2 + K) Es`` (read mu, lv; write z), ``+ Es`` for an elementwise KL, `
 full-size priors, KL-only ``2Es``; backward ``(4 + K) Es`` (read lv, dz, mu; write dmu, dlv). The
 noise is regenerated, never stored (eager PyTorch writes eps and reads it back: ``2KEs`` more).
 
-Prior gradients are reduced without float atomics: a full-size prior's gradient is written
-elementwise; a prior broadcast along rows, columns or everywhere gets per-program partial sums in the
-``PER_DIM`` / ``PER_SAMPLE`` / ``SUM`` buffers the KL uses (a few percent of E: writing a full-size
-gradient and summing it in torch would cost ``2 x 2Es`` more per prior); any other broadcast (rare)
-writes a full-size gradient that torch sums. Partials land in fixed slots and a fixed-order torch sum
-finishes them: two runs are bitwise equal. float16/bfloat16 compute in float32, float64 in float64;
-the sample's compute dtype follows ``(mu, lv)``, the KL's all four inputs, as the reference.
+Prior gradients: elementwise for a full-size prior; per-program partial sums (``_common.grad_mode``:
+a few percent of E, against ``2 x 2Es`` for a full-size gradient summed by torch) for a prior
+broadcast along rows, columns or everywhere; a full-size gradient torch sums for any other broadcast.
+No float atomics: two runs are bitwise equal. Half inputs compute in float32, float64 in float64.
 """
 
 from __future__ import annotations
@@ -200,7 +197,7 @@ def _sample_kl_backward_kernel(
 #: backward may be given different tilings: the noise is keyed by the logical index).
 TILING_OVERRIDE: tuple[int, int, int] | None = None
 def _whole_blocks(view: _common.StridedView, tiling: _common.RowTiling, offset: int) -> bool:
-    """Whether every row of every tile starts a Philox block (index ``4 k``): then a block is drawn once, not 4 times."""
+    """Whether every tile row starts a Philox block (an index ``4 k``): each block is then drawn once, not 4 times."""
     return view.cols % 4 == 0 and tiling.block_n % 4 == 0 and offset % 4 == 0
 
 
@@ -332,7 +329,8 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
         mu_e, lv_e, pmu_e, plv_e, grad_z, gkl_e, dmu, dlv, dpmu, dplv,
         *view.strides, grad_z.stride(0) if grad_z is not None else 0,
         view.rows, view.cols, view.dims, mu.numel(), n_samples, seed, offset, tiling.n_col_blocks, tiling.row_steps,
-        HAS_DZ=grad_z is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), HAS_GKL=gkl_e is not None, HAS_PMU=pmu_e is not None,
+        HAS_DZ=grad_z is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), HAS_GKL=gkl_e is not None,
+        HAS_PMU=pmu_e is not None,
         HAS_PLV=plv_e is not None, WRITE_DMU=need_mu, WRITE_DLV=need_lv,
         PMU_MODE=pmu_mode, PLV_MODE=plv_mode,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),
@@ -461,17 +459,8 @@ _sample_kl_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rsample_kl(
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
-    prior_mu: torch.Tensor | None,
-    prior_logvar: torch.Tensor | None,
-    *,
-    n_samples: int,
-    seed: int,
-    offset: int,
-    sample: bool,
-    kl: bool,
-    reduction: str,
+    mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None, *,
+    n_samples: int, seed: int, offset: int, sample: bool, kl: bool, reduction: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backend entry point: z when ``sample``, the KL reduced by ``reduction`` when ``kl``.
 
