@@ -133,7 +133,7 @@ def _run(args) -> int:
             run_micro(device, dtypes, preset=preset, copy_gbps=copy_gbps, variants=select_variants(args.ops),
                       providers=micro_providers, modes=modes, compile_scope=compile_scope,
                       min_run_time=args.min_run_time or (0.1 if preset == "quick" and device.type == "cpu" else 0.2),
-                      seed=args.seed, on_row=sink, progress=progress)
+                      seed=args.seed, sizes=args.sizes, on_row=sink, progress=progress)
         finally:
             sink.close()
         print(f"wrote {sink.path} ({sink.count} rows)", flush=True)
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (default: torch's for a full run, 1 with --quick: on a shared or "
                      "busy machine oversubscribed OpenMP threads slow torch on a CPU by 10-100x)")
+    run.add_argument("--sizes", default=None, help="micro: a size table of bench/micro.py's SIZES instead of the "
+                     "preset's (gpu-run: one mid size and one >= 256 MB per op, as scripts/gpu_run.sh uses)")
     run.add_argument("--min-run-time", type=float, default=None, help="micro on CPU: seconds of timing per case")
     run.add_argument("--seed", type=int, default=0, help="seed of inputs, weights, data order and noise (default 0)")
     run.add_argument("--no-report", action="store_true", help="do not write REPORT.md and plots after the run")

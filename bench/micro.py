@@ -18,6 +18,7 @@ import torch
 import fusedvae as fv
 
 from . import baselines
+from .betatc_cases import BETATC_SIZES, betatc_dense, betatc_fused, betatc_inputs
 from .bytes import MODES, bytes_min
 from .device import environment, threads
 from .providers import MICRO_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context, uses_baseline
@@ -42,12 +43,17 @@ SIZES = {
     "quick": {"latent": [(256, 32), (4096, 128), (65536, 512)], "image": [(64, 3, 32, 32), (256, 3, 128, 128)]},
     "quick-cpu": {"latent": [(256, 32), (2048, 128)], "image": [(16, 3, 32, 32), (64, 3, 32, 32)]},
     "tiny": {"latent": [(8, 16)], "image": [(2, 3, 8, 8)]},
+    # scripts/gpu_run.sh: one mid size and one that moves >= 256 MB in bfloat16 forward (rsample_kl 3E, NLL 2E)
+    "gpu-run": {"latent": [(4096, 128), (131072, 512)], "image": [(64, 3, 64, 64), (512, 3, 256, 256)]},
 }
+for _table, _sizes in SIZES.items():  # β-TC batches (B, D): its own sweep, the dense form is O(B^2 D)
+    _sizes["betatc"] = BETATC_SIZES[_table]
+
 # With --quick on a CPU, torch.compile (a C++ build per graph, tens of seconds each) runs for these only,
 # one variant per op (``--compile some``); the smoke tests' tiny preset compiles one.
 COMPILE_SOME = {
     "quick": {("rsample_kl", "standard-prior"), ("kl_normal", "standard-prior"), ("gaussian_nll", "scalar-sigma"),
-              ("gaussian_nll_optimal", "global"), ("gaussian_nll_loss", "per-element-var")},
+              ("gaussian_nll_optimal", "global"), ("gaussian_nll_loss", "per-element-var"), ("betatc", "mss")},
     "tiny": {("gaussian_nll", "scalar-sigma")},
 }
 
@@ -155,6 +161,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("gaussian_nll_optimal", "per-sample", "image", _gaussian_nll_optimal_per_sample, _image_pair,
             B.gaussian_nll_optimal_per_sample),
     Variant("gaussian_nll_loss", "per-element-var", "image", _gaussian_nll_loss, _with_var, B.gaussian_nll_loss_op),
+    Variant("betatc", "mss", "betatc", betatc_fused, betatc_inputs, betatc_dense),
 )
 
 
@@ -210,7 +217,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def plan_sizes(preset: str, device: torch.device) -> dict[str, list[tuple[int, ...]]]:
+def plan_sizes(preset: str, device: torch.device, table: str | None = None) -> dict[str, list[tuple[int, ...]]]:
+    """The size sweep of ``preset`` on ``device``, or the named ``table`` of :data:`SIZES` when given (``--sizes``)."""
+    if table is not None:
+        if table not in SIZES:
+            raise ValueError(f"--sizes must be one of {tuple(SIZES)}, got {table!r}")
+        return SIZES[table]
     if preset == "tiny":
         return SIZES["tiny"]
     if device.type == "cpu":
@@ -287,17 +299,19 @@ def run_micro(
     compile_scope: str = "all",
     min_run_time: float = 0.2,
     seed: int = 0,
+    sizes: str | None = None,
     on_row: Callable[[dict], None] = lambda row: None,
     progress: Callable[..., object] | None = None,
 ) -> list[dict]:
     """Time every case; each row goes to ``on_row`` as soon as it is measured, and all are returned.
 
     ``compile_scope``: ``all`` compiles every variant, ``some`` only :data:`COMPILE_SOME` (of the
-    preset), ``none`` skips the ``compile`` provider.
+    preset), ``none`` skips the ``compile`` provider. ``sizes`` names a table of :data:`SIZES` that
+    replaces the preset's sweep.
     """
     configure_dynamo(retain_graph=True)
     variants = list(variants or VARIANTS)
-    sizes = plan_sizes(preset, device)
+    sizes = plan_sizes(preset, device, sizes)
     env = environment(device)
 
     def compiled_here(variant: Variant) -> bool:

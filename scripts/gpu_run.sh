@@ -26,8 +26,8 @@
 # Exit status: 0 when every step passed or was skipped, 1 otherwise, 2 when it cannot start.
 #
 # Environment: PYTHON (default python3), OUT (default a new temporary folder), GPU_RUN_BUDGET,
-# MICRO_FLAGS (default "--quick --compile some": the latent sweep's largest size moves > 256 MB; the
-# image sweep needs a size flag that bench run does not have yet), TRAIN_FLAGS.
+# MICRO_FLAGS (default "--sizes gpu-run --compile some": per op one mid size and one that moves >= 256 MB
+# in bfloat16, torch+compile for one variant per op), TRAIN_FLAGS.
 set -uo pipefail
 
 DRY=0
@@ -159,7 +159,7 @@ if (( DRY )); then
   MICRO_FLAGS=${MICRO_FLAGS:---tiny --compile none}
   MICRO_DTYPES=float32
 else
-  MICRO_FLAGS=${MICRO_FLAGS:---quick --compile some}
+  MICRO_FLAGS=${MICRO_FLAGS:---sizes gpu-run --compile some}
   MICRO_DTYPES=float32,bfloat16
 fi
 step micro 150 "$PY -m bench run --suite micro --device $DEVICE --dtype $MICRO_DTYPES --providers $MICRO_PROVIDERS --modes forward,backward,full $MICRO_FLAGS --no-progress --no-report --out $RESULTS"
