@@ -44,7 +44,10 @@ if os.environ.get("FUSEDVAE_STATIC_FULL"):
         ("sm_80", "float32,bfloat16", "contiguous", None),
     ]
 else:
-    JOBS = [("sm_90", "float32", "contiguous", None), ("sm_80", "float32", "contiguous", "learned-prior K=,per-element")]
+    JOBS = [
+        ("sm_90", "float32", "contiguous", None),
+        ("sm_80", "float32", "contiguous", "learned-prior K=,per-element"),
+    ]
 
 
 def _static(tmp_path, arch, dtypes, layouts, match):
@@ -74,7 +77,8 @@ def test_every_kernel_compiles_without_spills(tmp_path, arch, dtypes, layouts, m
         assert int(r["registers"]) > 0 and float(r["instr_per_elem"]) > 0, r
         assert float(r["margin"]) == pytest.approx(float(r["t_mem_ps"]) / float(r["t_issue_ps"]), rel=0.01), r
     if match is None:  # alignment specialized as on a GPU: contiguous float32 moves in 128-bit accesses
-        sample = [r for r in rows if r["case"] == "rsample_kl sample K=1 contiguous forward" and r["dtype"] == "float32"]
+        case = "rsample_kl sample K=1 contiguous forward"
+        sample = [r for r in rows if r["case"] == case and r["dtype"] == "float32"]
         assert sample and sample[0]["load_bits"] == "128" and sample[0]["store_bits"] == "128", sample
     backward = {r["kernel"] for r in rows if r["case"].endswith("backward")}
     assert len(backward) >= 2, f"backward kernels not reached through autograd: {backward}"
