@@ -1,4 +1,4 @@
-# make test   — create .venv, install fusedvae with its extras, run the tests (CPU: kernels via Triton's interpreter)
+# make test   — create .venv, install fusedvae with its extras, lint (ruff), run the tests (CPU: kernels via Triton's interpreter)
 # make bench  — the same environment, then the benchmark suite on the best device present
 # make lint   — ruff (pycodestyle, pyflakes, import order, bugbear; settings in pyproject.toml)
 # make gpu-dry-run — scripts/gpu_run.sh --dry-run: every step of the GPU run, tiny, on the CPU
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench]"
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	TRITON_INTERPRET=$${TRITON_INTERPRET-$$($(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)")} \
 		$(PY) -m pytest -q tests
 

@@ -155,7 +155,7 @@ def copy_bandwidth_gbps(device: str | torch.device, nbytes: int | None = None, *
             nbytes = 1 << 26
     source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     target = torch.empty_like(source)
-    median, _, _ = time_ms(lambda: target.copy_(source), device, min_run_time=min_run_time)
+    median, _, _ = time_ms(lambda: target.copy_(source), device, min_run_time=min_run_time)  # noqa: F821 (ruff: the del below)
     moved = 2 * source.numel() * source.element_size()
     del source, target
     return moved / (median * 1e-3) / 1e9

@@ -243,8 +243,9 @@ class LatentDiffusionAutoencoder(nn.Module):
         self.kl_weight = kl_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .autoencoderkl import latent_diffusion_losses
         from fusedvae.compat.diffusers import is_patched
+
+        from .autoencoderkl import latent_diffusion_losses
 
         return latent_diffusion_losses(self.vae, self.logvar, 2 * x - 1, fused=is_patched(),
                                        kl_weight=self.kl_weight).loss

@@ -1,9 +1,9 @@
 """The micro-benchmarks through pytest-benchmark: ``pytest bench/ --benchmark-only``.
 
 One size per variant (the largest of the quick sweep on a GPU, a small one on a CPU), every op
-variant × provider × mode (``torch``: what users write, ``bench/baselines.py``; ``fusedvae``), timed by pytest-benchmark with the GPU synchronised inside the timed
-function. ``bytes_min`` and ``gbps`` go into each benchmark's ``extra_info`` (shown with
-``--benchmark-json``). The ``torch+compile`` provider runs on a GPU, or on a CPU with
+variant × provider × mode (``torch``: what users write, ``bench/baselines.py``; ``fusedvae``), timed by
+pytest-benchmark with the GPU synchronised inside the timed function. ``bytes_min`` and ``gbps`` go into
+each benchmark's ``extra_info`` (shown with ``--benchmark-json``). The ``torch+compile`` provider runs on a GPU, or on a CPU with
 ``FUSEDVAE_BENCH_COMPILE=1`` (inductor builds C++ there: tens of seconds per case). The CLI
 (``python -m bench run``) is the full suite; this is the same cases in pytest's harness, for people
 who track benchmarks with pytest-benchmark's ``--benchmark-autosave`` / ``--benchmark-compare``.

@@ -212,8 +212,9 @@ def train_interleaved(
         if not runner.error:
             with runner.active():
                 if device.type == "cpu":  # one more step each, untimed, profiled for its allocations
-                    runner.peak_mb = peak_memory_mb(lambda: runner.step(x), device)
-                runner.saved_mb = saved_mb(lambda: runner.loss_of(x))  # one forward, what it keeps for backward
+                    runner.peak_mb = peak_memory_mb(lambda: runner.step(x), device)  # noqa: B023 (called at once)
+                # one forward, what it keeps for backward; the lambda is called at once
+                runner.saved_mb = saved_mb(lambda: runner.loss_of(x))  # noqa: B023
         results[runner.provider] = {"note": runner.error} if runner.error else runner.result(spec, warmup)
         if dump_params is not None and not runner.error:
             dump_params.mkdir(parents=True, exist_ok=True)

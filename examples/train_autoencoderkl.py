@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from bench.data import synthetic_images
 from bench import autoencoderkl as akl
+from bench.data import synthetic_images
 from fusedvae.compat.diffusers import patch
 
 

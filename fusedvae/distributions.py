@@ -29,8 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import register_kl
-from torch.distributions import Distribution
+from torch.distributions import Distribution, register_kl
 from torch.distributions import Independent as _TorchIndependent
 from torch.distributions import Normal as _TorchNormal
 from torch.distributions.utils import _sum_rightmost, broadcast_all

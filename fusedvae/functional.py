@@ -23,6 +23,7 @@ from .reductions import BACKEND_REDUCTION as _BACKEND_REDUCTION
 from .reductions import finish as _finish
 from .seeding import draw_seed_offset
 
+
 def _implementation(tensor: torch.Tensor) -> ModuleType:
     backend = backend_for(tensor)
     if backend == "triton":

@@ -193,8 +193,9 @@ def print_row(row: Row) -> None:
 
 def environment(device: str) -> dict[str, str]:
     """Versions and device the check ran on."""
-    import fusedvae
     import triton
+
+    import fusedvae
 
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return {

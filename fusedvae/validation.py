@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 class ShapeError(ValueError, RuntimeError):
     """Shapes that do not broadcast: a ``ValueError`` naming the argument, and the ``RuntimeError`` torch raises.
 

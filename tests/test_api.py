@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedvae as fv
-from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from fusedvae import backend as backend_module
 from fusedvae.testing import kl_closed_form
 
@@ -266,7 +266,7 @@ def test_gaussian_nll_loss_gradcheck(gen):
     inp, tgt = randn(gen, 3, 4, requires_grad=True), randn(gen, 3, 4, requires_grad=True)
     var = uniform(gen, 1, 4, low=0.2, high=2.0, requires_grad=True)
     for reduction in ("none", "mean", "batchmean"):
-        fn = lambda a, b, c: fv.gaussian_nll_loss(a, b, c, full=True, reduction=reduction)  # noqa: E731
+        fn = lambda a, b, c: fv.gaussian_nll_loss(a, b, c, full=True, reduction=reduction)  # noqa: E731, B023
         assert torch.autograd.gradcheck(fn, (inp, tgt, var))
 
 

@@ -57,7 +57,8 @@ def test_micro_csv_has_every_column_and_case(quick_run):
     assert (rows["note"].isna()).all(), rows[rows["note"].notna()][["op", "variant", "provider", "note"]]
     assert set(rows["mode"]) == {"forward", "backward", "full"}
     assert set(rows["provider"]) == {"torch", "torch+compile", "fusedvae"}  # reference only when asked for
-    assert set(rows["op"]) == {"rsample_kl", "kl_normal", "gaussian_nll", "gaussian_nll_optimal", "gaussian_nll_loss"}
+    assert set(rows["op"]) == {"rsample_kl", "kl_normal", "gaussian_nll", "gaussian_nll_optimal", "gaussian_nll_loss",
+                               "betatc"}
     assert (rows["bytes_min"] > 0).all() and (rows["time_ms_p50"] > 0).all()
     assert ((rows["time_ms_p20"] <= rows["time_ms_p50"]) & (rows["time_ms_p50"] <= rows["time_ms_p80"])).all()
     assert np.allclose(rows["gbps"], rows["bytes_min"] / (rows["time_ms_p50"] * 1e-3) / 1e9)
@@ -96,10 +97,10 @@ def test_train_csv_has_every_column_and_model(quick_run):
 
 def test_autoencoderkl_row_times_diffusers_against_the_patched_posterior():
     pytest.importorskip("diffusers")
+    from bench.autoencoderkl import ldm_nll_eager, ldm_nll_fused
     from bench.models import model_specs
     from bench.providers import provider_context
     from fusedvae.compat import diffusers as fvd
-    from bench.autoencoderkl import ldm_nll_eager, ldm_nll_fused
 
     spec = next(s for s in model_specs("tiny", "cpu") if s.model == "autoencoderkl")
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def assert_same(got, want, exact, what):
         if exact:
             assert torch.equal(g, w), (what, i, (g - w).abs().max().item())
         else:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {i}: {m}")
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {i}: {m}")  # noqa: B023
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():  # before triton is imported (tests/conftest.p
 
 import fusedvae as fv  # noqa: E402
 from fusedvae.testing import assert_within_twice_eager  # noqa: E402
+
 # the module, not the function that fusedvae.kernels re-exports under the same name
 kgnll = importlib.import_module("fusedvae.kernels.gaussian_nll")
 kcommon = importlib.import_module("fusedvae.kernels._common")

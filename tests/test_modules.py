@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from torch.distributions import Normal, kl_divergence
 
 import fusedvae as fv
-from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 
 
 @pytest.fixture(autouse=True)

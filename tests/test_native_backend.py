@@ -58,7 +58,8 @@ def test_gaussian_nll_matches_the_reference(gen, sigma, reduction):
     x, mean = torch.rand(5, 3, 4, 6, generator=gen), torch.rand(5, 3, 4, 6, generator=gen)
     log_sigma = torch.randn(sigma, generator=gen) * 0.4
     for full in (True, False):
-        _assert_same(lambda *t: fv.gaussian_nll(*t, reduction=reduction, full=full), x, mean, log_sigma, atol=1e-4)
+        _assert_same(lambda *t: fv.gaussian_nll(*t, reduction=reduction, full=full), x, mean, log_sigma,  # noqa: B023
+                     atol=1e-4)
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -196,5 +197,6 @@ def test_gaussian_nll_loss_broadcasts_as_the_reference(gen, var_shape, target_sh
     var = torch.rand(var_shape, generator=gen) + 0.05
     var.view(-1)[0] = 1e-9  # clamped at eps, its gradient still flows (as in torch)
     for full in (False, True):
-        _assert_same(lambda *t: fv.gaussian_nll_loss(*t, full=full, reduction=reduction, check_var=False), mean, x, var,
+        _assert_same(lambda *t: fv.gaussian_nll_loss(*t, full=full, reduction=reduction, check_var=False),  # noqa: B023
+                     mean, x, var,
                      rtol=1e-4, atol=1e-4)

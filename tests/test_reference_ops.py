@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch.distributions import Normal, kl_divergence
 
 import fusedvae as fv
-from float64_inputs import F64, HALF_LOG_2PI, assert_close, grads, randn
 from fusedvae.reference import exp_minus_one_minus_x, philox4x32, philox_normal
 from fusedvae.seeding import draw_seed_offset
 from fusedvae.testing import kl_closed_form
@@ -496,7 +496,7 @@ def test_gaussian_nll_gradcheck(gen):
     for shape in [(), (3, 1), (2, 1, 1), (2, 3, 2)]:
         ls = randn(gen, *shape, scale=0.5, requires_grad=True)
         for reduction, full in [("none", True), ("batchmean", False), ("per_sample", True)]:
-            fn = lambda a, b, c: fv.gaussian_nll(a, b, c, reduction=reduction, full=full)  # noqa: E731
+            fn = lambda a, b, c: fv.gaussian_nll(a, b, c, reduction=reduction, full=full)  # noqa: E731, B023
             assert torch.autograd.gradcheck(fn, (x, m, ls))
 
 
@@ -586,7 +586,7 @@ def test_gaussian_nll_optimal_gradcheck(gen, per_sample, min_log_sigma):
         m = (x.detach() + scale * randn(gen, 3, 4)).requires_grad_()
         for reduction in ("batchmean", "none"):
             fn = lambda a, b: fv.gaussian_nll_optimal(  # noqa: E731
-                a, b, per_sample=per_sample, min_log_sigma=min_log_sigma, reduction=reduction
+                a, b, per_sample=per_sample, min_log_sigma=min_log_sigma, reduction=reduction  # noqa: B023
             )
             assert torch.autograd.gradcheck(fn, (x, m))
 
@@ -608,7 +608,7 @@ def test_gaussian_nll_loss_gradcheck(gen):
     inp, tgt = randn(gen, 4, 3, requires_grad=True), randn(gen, 4, 3, requires_grad=True)
     var = (torch.rand(4, 1, generator=gen, dtype=F64) + 0.1).requires_grad_()
     for reduction in ("none", "mean", "sum", "batchmean", "per_sample"):
-        fn = lambda a, b, c: fv.gaussian_nll_loss(a, b, c, full=True, reduction=reduction)  # noqa: E731
+        fn = lambda a, b, c: fv.gaussian_nll_loss(a, b, c, full=True, reduction=reduction)  # noqa: E731, B023
         assert torch.autograd.gradcheck(fn, (inp, tgt, var))
 
 

@@ -1,4 +1,5 @@
-"""``python -m bench.science [--quick] [--seeds N] [--jobs N] [--out DIR] [--data PATH] [--device cpu|cuda] [--only STUDY ...]``."""
+"""``python -m bench.science [--quick] [--seeds N] [--jobs N] [--out DIR] [--data PATH] [--device cpu|cuda]
+[--only STUDY ...]``."""
 
 from __future__ import annotations
 

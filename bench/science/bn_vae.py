@@ -129,8 +129,10 @@ def run(ctx: Context) -> StudyResult:
     per_seed = {eps: [checks(table[(table.seed == i) & (table.bn_eps == f"{eps:g}")]) for i in ctx.seeds] for eps in EPSILONS}
     small, default = EPSILONS[1], EPSILONS[0]
     claims = [
-        Claim(f"BN ε = {small:g}: no dimension collapses (KL ≥ γ²/4 in every dim) for every γ > 0", [c[0] for c in per_seed[small]]),
-        Claim(f"BN ε = {small:g}: a posterior hole (aggregate bound above half its floor) for every γ > 1", [c[1] for c in per_seed[small]]),
+        Claim(f"BN ε = {small:g}: no dimension collapses (KL ≥ γ²/4 in every dim) for every γ > 0",
+              [c[0] for c in per_seed[small]]),
+        Claim(f"BN ε = {small:g}: a posterior hole (aggregate bound above half its floor) for every γ > 1",
+              [c[1] for c in per_seed[small]]),
         Claim(f"BN ε = {default:g} (the default): no dimension collapses for every γ > 0", [c[0] for c in per_seed[default]]),
         Claim(f"BN ε = {default:g}: a posterior hole for every γ > 1", [c[1] for c in per_seed[default]]),
     ]

@@ -537,7 +537,8 @@ def env_summary(device: torch.device) -> str:
     except OSError:
         pass
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}, {os.cpu_count()} cores)"
-    return f"{where}; torch {torch.__version__}; fusedvae {fv.__version__}; backend {fv.backend_for(torch.zeros(1, device=device))}"
+    backend = fv.backend_for(torch.zeros(1, device=device))
+    return f"{where}; torch {torch.__version__}; fusedvae {fv.__version__}; backend {backend}"
 
 
 def train_mlp_vae(

@@ -14,11 +14,11 @@ from fusedvae.analysis.betatc import betatc_decomposition, streaming_betatc_deco
 from fusedvae.analysis.diagnostics import active_units
 
 from .common import (
+    MLPVAE,
     SEED_STRIDE,
     Batches,
     Claim,
     Context,
-    MLPVAE,
     StudyResult,
     claims_text,
     markdown_table,
@@ -183,7 +183,8 @@ def run(ctx: Context) -> StudyResult:
         "datapoint, estimated by `analysis.betatc.streaming_betatc_decomposition` (minibatch stratified sampling, "
         f"in tiles of 512 rows) on {repeats} random batches of {min(EVAL_BATCH, n)} of the {n} training points (the last "
         f"row: the same β-TC-VAE on batches of {min(LARGE_BATCH, n)}, where each dense B × B × D temporary would take "
-        "1 GiB), one z per point, in float64; `analytic_kl` is fusedvae's exact KL averaged over all points; `sum_minus_kl` is the batch's sum "
+        "1 GiB), one z per point, in float64; `analytic_kl` is fusedvae's exact KL averaged over all points; "
+        "`sum_minus_kl` is the batch's sum "
         "of the three terms minus the same batch's analytic KL (mean ± standard error over batches). The three estimates "
         "telescope to estimator A, log q(z|x) − log p(z), so the sum matches the KL in expectation whatever the "
         "estimate of q(z); the split between the terms is what depends on it. On a dataset of N points the index-code "

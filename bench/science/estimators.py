@@ -13,11 +13,11 @@ import fusedvae as fv
 from fusedvae.analysis.estimators import iwae_bound, kl_estimator_a, log_importance_weights
 
 from .common import (
+    MLPVAE,
     SEED_STRIDE,
     Batches,
     Claim,
     Context,
-    MLPVAE,
     StudyResult,
     claims_text,
     load_image_data,
@@ -217,9 +217,11 @@ def run(ctx: Context) -> StudyResult:
     ]
     method = (
         f"{data.name}: an MLP VAE (64-128-128-{LATENT}, learned shared σ_x) trained {steps} Adam steps (batch 128, the "
-        f"same seed and batches for both estimators; {len(ctx.seeds)} seeds: torch seed 6 + {SEED_STRIDE}·s) with estimator B (analytic KL: `fv.vae_loss`) and with estimator A (z from `fv.rsample`, "
+        f"same seed and batches for both estimators; {len(ctx.seeds)} seeds: torch seed 6 + {SEED_STRIDE}·s) "
+        f"with estimator B (analytic KL: `fv.vae_loss`) and with estimator A (z from `fv.rsample`, "
         "NLL from `fv.gaussian_nll`, KL from the sample by `analysis.estimators.kl_estimator_a`). The IWAE bound "
-        f"(`log_importance_weights` + `iwae_bound`, K samples from `fv.rsample(n_samples=K)`) for K ∈ {{{', '.join(map(str, KS))}}}."
+        f"(`log_importance_weights` + `iwae_bound`, K samples from `fv.rsample(n_samples=K)`) "
+        f"for K ∈ {{{', '.join(map(str, KS))}}}."
     )
     return StudyResult(
         number=6, slug="estimators", title="Estimators A and B, IWAE",

@@ -12,7 +12,7 @@ from torch import nn
 
 import fusedvae as fv
 from fusedvae.analysis.diagnostics import collapsed_fraction
-from fusedvae.analysis.linear import ppca_fit, ppca_log_likelihood, linear_vae_elbo
+from fusedvae.analysis.linear import linear_vae_elbo, ppca_fit, ppca_log_likelihood
 
 from .common import (
     SEED_STRIDE,

@@ -39,7 +39,8 @@ def write_report(
         "",
         f"- Machine: {env_summary(ctx.device)}",
         f"- Versions: {_versions()}",
-        f"- Mode: {'QUICK (a handful of steps on tiny data: the code path only, the numbers mean nothing)' if ctx.quick else 'full'}",
+        "- Mode: " + ("QUICK (a handful of steps on tiny data: the code path only, the numbers mean nothing)"
+                      if ctx.quick else "full"),
         f"- Seeds: {n_seeds} per training (seed index s adds {SEED_STRIDE}·s to each training's seed: new weights, "
         "minibatch order and noise; the data and its split stay fixed). Figures are mean ± standard deviation over the "
         "seeds; the CSVs hold every seed's value (`seed` column). A verdict says **bears out** only when each of its "
@@ -60,7 +61,8 @@ def write_report(
         "|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.number} | [{r.title}](#{_anchor(f'{r.number}. {r.title}')}) | **{r.outcome}** | {r.verdict} | {r.seconds:.0f} s |")
+        link = f"[{r.title}](#{_anchor(f'{r.number}. {r.title}')})"
+        lines.append(f"| {r.number} | {link} | **{r.outcome}** | {r.verdict} | {r.seconds:.0f} s |")
     for name, error in failures.items():
         lines.append(f"| – | {name} | **failed** | `{error}` | – |")
     for r in results:

@@ -52,8 +52,7 @@ import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
 from . import _common, _custom_op
-from ._common import ELEMENTWISE, SUM, div, exp, kept_coords, kept_offset, log, reduced_coords, reduced_offset
-from ._common import upcast
+from ._common import ELEMENTWISE, SUM, div, exp, kept_coords, kept_offset, log, reduced_coords, reduced_offset, upcast
 
 __all__ = ["gaussian_nll"]
 

@@ -30,7 +30,10 @@ def _noise(seed: int, offset: int, numel: int, dtype: torch.dtype, device: torch
 
 
 def rsample(mu: torch.Tensor, logvar: torch.Tensor, *, n_samples: int, seed: int, offset: int) -> torch.Tensor:
-    """``n_samples`` draws of shape ``(n_samples, *mu.shape)``; sample ``k``, element ``i`` (row-major) has logical index ``k * mu.numel() + i``."""
+    """``n_samples`` draws of shape ``(n_samples, *mu.shape)``.
+
+    Sample ``k``, element ``i`` (row-major) has logical index ``k * mu.numel() + i``.
+    """
     dtype = compute_dtype(mu, logvar)
     eps = _noise(seed, offset, n_samples * mu.numel(), dtype, mu.device)
     eps = eps.reshape(n_samples, *mu.shape)
