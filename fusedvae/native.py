@@ -36,6 +36,7 @@ import math
 import torch
 
 from .precision import compute_dtype, result_dtype
+from .reductions import reduce as _reduce
 from .reference.gaussian_nll import HALF_LOG_2PI
 from .reference.kl import exp_minus_one_minus_x
 
@@ -43,18 +44,6 @@ from .reference.kl import exp_minus_one_minus_x
 DRAWS_FROM_GENERATOR = True
 
 _F64 = torch.float64
-
-
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return values
-    if reduction == "sum":
-        return values.sum()
-    if reduction == "per_sample":
-        return values.sum(dim=tuple(range(1, values.dim()))) if values.dim() > 1 else values
-    if reduction == "per_dim":
-        return values.sum(dim=0)
-    raise ValueError(f"unknown backend reduction {reduction!r}")
 
 
 def _grad_like(grad: torch.Tensor, reduction: str, ndim: int) -> torch.Tensor:

@@ -21,3 +21,18 @@ if not torch.cuda.is_available():
 def gen(request) -> torch.Generator:
     """A CPU generator seeded from the test's id: fresh inputs per test, reproducible runs."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request):
+    """Run the test on fusedvae's PyTorch reference and on its Triton kernels (interpreted without a GPU)."""
+    import fusedvae as fv  # after TRITON_INTERPRET is set above
+    from fusedvae import backend as fv_backend
+
+    if request.param == "triton":
+        if not fv_backend.triton_available():
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available() and not fv_backend.triton_interpreter_enabled():
+            pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    with fv.use_backend(request.param):
+        yield request.param

@@ -16,7 +16,6 @@ from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
 
 import fusedvae as fv  # noqa: E402
 from bench import autoencoderkl as akl  # noqa: E402
-from fusedvae import backend as fv_backend  # noqa: E402
 from fusedvae.compat import diffusers as fvd  # noqa: E402
 
 Original = diffusers_vae.DiagonalGaussianDistribution
@@ -33,18 +32,6 @@ def _params(shape, seed, *, logvar_scale=1.0, requires_grad=False, dtype=torch.f
     mean = torch.randn(shape, generator=g)
     logvar = logvar_scale * torch.randn(shape, generator=g)
     return torch.cat([mean, logvar], dim=1).to(dtype).requires_grad_(requires_grad)
-
-
-@pytest.fixture(params=["reference", "triton"])
-def backend(request):
-    """Run the test on fusedvae's PyTorch reference and on its Triton kernels (interpreted without a GPU)."""
-    if request.param == "triton":
-        if not fv_backend.triton_available():
-            pytest.skip("triton is not installed")
-        if not torch.cuda.is_available() and not fv_backend.triton_interpreter_enabled():
-            pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    with fv.use_backend(request.param):
-        yield request.param
 
 
 @pytest.fixture(scope="module")

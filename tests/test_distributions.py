@@ -19,21 +19,9 @@ import torch.distributions as TD
 
 import fusedvae as fv
 import fusedvae.distributions as D
-from fusedvae import backend as fv_backend
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
-
-
-@pytest.fixture(params=["reference", "triton"])
-def backend(request):
-    if request.param == "triton":
-        if not fv_backend.triton_available():
-            pytest.skip("triton is not installed")
-        if not torch.cuda.is_available() and not fv_backend.triton_interpreter_enabled():
-            pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    with fv.use_backend(request.param):
-        yield request.param
 
 
 def _params(gen, *shape, dtype=F64, grad=True):
