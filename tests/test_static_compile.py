@@ -12,7 +12,7 @@ Philox kernels are the slow ones) and the full product of cases is ~1000 distinc
   every launcher once, in the dtype with the widest registers; sm_80, float32, the sample+KL
   variants with a learned prior (the most code in one kernel) and the per-element σ / variance
   forms: the A100 backend's compile errors;
-- with ``FUSEDVAE_STATIC_FULL=1`` (``.ci/run``'s Triton 3.6 job, ~25-30 minutes cold): sm_90 in
+- with ``FUSEDVAE_STATIC_FULL=1`` (opt-in, e.g. ``FUSEDVAE_STATIC_FULL=1 .ci/run``, ~25-30 minutes cold): sm_90 in
   float32, bfloat16 and float16 × contiguous, channels-last and permuted (layouts change the index
   math and the vector widths, so registers and spills), and sm_80 in float32 and bfloat16, contiguous.
 

@@ -92,7 +92,8 @@ def _run_case(case, rec, torch, bytes_min):
         # switched off while it handles a call, and the backward launchers would then see CPU tensors.
         torch.autograd.graph._engine_run_backward(tuple(outputs), tuple(grads), False, False, tuple(grad_inputs),
                                                   True, False)
-        return {"launches": [(l.tag, l.kernel, l.key, l.programs, l.num_warps) for l in rec.launches], "work": work,
+        launches = [(launch.tag, launch.kernel, launch.key, launch.programs, launch.num_warps) for launch in rec.launches]
+        return {"launches": launches, "work": work,
                 "bytes": {d: bytes_min(d, inputs, outputs, grad_inputs) for d in ("forward", "backward")}}
     except Exception as e:  # a launcher that raises is a finding: kept as a row with its error
         return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
@@ -201,7 +202,7 @@ def _rows(name, rec, analyses, arch, version, first):
         per_program = rec["work"] / programs
         iters = max(per_program / a["tile"], 1.0) if r["has_loop"] and a["tile"] else 0.0
 
-        def per_elem(what):
+        def per_elem(what, r=r, iters=iters, threads=threads, per_program=per_program):
             count = r["outside"].get(what, 0) + iters * (r["loop"].get(what, 0) + trips * r["inner"].get(what, 0))
             return count * threads / per_program
 
