@@ -21,7 +21,7 @@ from .backend import backend_for
 from .precision import compute_dtype, result_dtype
 from .reductions import BACKEND_REDUCTION as _BACKEND_REDUCTION
 from .reductions import finish as _finish
-from .seeding import draw_seed_offset
+from .seeding import draw_key
 
 
 def _implementation(tensor: torch.Tensor) -> ModuleType:
@@ -37,12 +37,15 @@ def _implementation(tensor: torch.Tensor) -> ModuleType:
     return reference
 
 
-def _noise_key(impl: ModuleType, generator: torch.Generator | None) -> dict:
-    """The native backend draws ``torch.randn`` from ``generator`` itself; the others a Philox (seed, offset) key."""
+def _noise_key(impl: ModuleType, generator: torch.Generator | None, device: torch.device) -> dict:
+    """The native backend draws ``torch.randn`` from ``generator`` itself; the others a Philox key tensor.
+
+    The key is drawn on ``device`` (the op's) by a graph-safe torch op and never read on the host, so a
+    replayed CUDA graph draws new noise (:mod:`fusedvae.seeding`).
+    """
     if getattr(impl, "DRAWS_FROM_GENERATOR", False):
         return {"generator": generator}
-    seed, offset = draw_seed_offset(generator)
-    return {"seed": seed, "offset": offset}
+    return {"key": draw_key(device, generator)}
 
 
 def _as_optional_tensor(name: str, value: object, like: torch.Tensor) -> torch.Tensor | None:
@@ -115,7 +118,8 @@ def rsample(
     check.check_generator(generator, mu.device)
     impl = _implementation(mu)
     z, _ = impl.rsample_kl(
-        mu, logvar, None, None, n_samples=count, sample=True, kl=False, reduction="none", **_noise_key(impl, generator)
+        mu, logvar, None, None, n_samples=count, sample=True, kl=False, reduction="none",
+        **_noise_key(impl, generator, mu.device),
     )
     return z[0] if n_samples is None else z
 
@@ -199,7 +203,7 @@ def rsample_kl(
     impl = _implementation(mu)
     z, kl = _kl_from_backend(
         impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
-        n_samples=count, sample=True, **_noise_key(impl, generator),
+        n_samples=count, sample=True, **_noise_key(impl, generator, mu.device),
     )
     return (z[0] if n_samples is None else z), kl
 

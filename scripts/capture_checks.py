@@ -7,7 +7,8 @@
   spend a minute building C++) gives the eager step's z bit for bit and its loss and gradients.
 - ``cuda_graph``: the same step captured once with ``torch.cuda.graph`` and replayed twice must draw
   new noise on each replay (a noise key baked into the graph silently repeats the same z every training
-  step), and each replay's gradients must match the formulas for the z it drew. On a CPU (the dry run)
+  step; the key is an int64 device tensor drawn by ``torch.randint``, which the graph replays), and
+  each replay's gradients must match the formulas for the z it drew. On a CPU (the dry run)
   the step runs eagerly twice instead, which checks the same formulas and the script itself.
 
 Prints one line per check and exits 1 if any fails. Run from the repository root.
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows or (4096 if args.device == "cuda" else 8)
     t = _inputs(args.device, rows, 64 if args.device == "cuda" else 16)
     failed, outcomes = 0, []
-    for name, check in (("compile", check_compile), ("cuda_graph", check_cuda_graph)):
+    # The capture first: a compile that fails part-way can leave the CUDA context unfit for a capture
+    # (seen on an H200 with torch 2.11), which would fail a cuda_graph check that passes on its own.
+    for name, check in (("cuda_graph", check_cuda_graph), ("compile", check_compile)):
         start = time.perf_counter()
         try:
             ok, detail = check(args.device, t)

@@ -227,18 +227,21 @@ def _opcheck_cases():
     def channels_last(b, c, h, w):  # dense but not contiguous: "none" outputs and gradients follow it
         return randn(b, h, w, c).permute(0, 3, 1, 2)
 
+    def key(seed, offset):  # the (2,) int64 noise key [seed, offset] on the ops' device
+        return torch.tensor([seed, offset], dtype=torch.int64, device=DEVICE)
+
     ops = torch.ops.fusedvae
     mu, lv, mu_t = randn(4, 6), randn(4, 6), randn(6, 4).t()
     mu3, lv3 = randn(2, 3, 4), randn(2, 3, 4)
     x, m, ls = channels_last(3, 2, 4, 5), channels_last(3, 2, 4, 5), randn(2, 1, 1)
     var = randn(2, 1, 1).abs() + 0.5
     return [
-        (ops.sample_kl_forward, (mu, lv, randn(6), randn(4, 1), 2, 123, 456, True, True, "per_dim")),
-        (ops.sample_kl_forward, (mu_t, lv, None, None, 1, 5, 6, False, True, "none")),
-        (ops.sample_kl_forward, (mu, lv, None, None, 3, 5, 6, True, False, "none")),
-        (ops.sample_kl_backward, (randn(2, 4, 6), randn(4), mu_t, lv, randn(6), randn(4, 1), 2, 1, 2, "per_sample",
-                                  True, True, True, True)),
-        (ops.sample_kl_backward, (None, randn(), mu3, lv3, randn(3, 1), None, 1, 1, 2, "sum",
+        (ops.sample_kl_forward, (mu, lv, randn(6), randn(4, 1), 2, key(123, 456), True, True, True, "per_dim")),
+        (ops.sample_kl_forward, (mu_t, lv, None, None, 1, key(5, 6), False, False, True, "none")),
+        (ops.sample_kl_forward, (mu, lv, None, None, 3, key(5, 6), False, True, False, "none")),
+        (ops.sample_kl_backward, (randn(2, 4, 6), randn(4), mu_t, lv, randn(6), randn(4, 1), 2, key(1, 2), False,
+                                  "per_sample", True, True, True, True)),
+        (ops.sample_kl_backward, (None, randn(), mu3, lv3, randn(3, 1), None, 1, key(1, 2), False, "sum",
                                   True, False, True, False)),  # a (3, 1) prior over (2, 3, 4): summed by torch
         (ops.gaussian_nll_forward, (x, m, ls, True, "none")),
         (ops.gaussian_nll_forward, (x, m, ls, False, "per_sample")),
@@ -248,8 +251,8 @@ def _opcheck_cases():
         (ops.sum_squared_error_backward, (randn(), x, m, False, False, True)),
         (ops.gaussian_nll_var_forward, (m, x, var, True, 1e-6, "none")),
         (ops.gaussian_nll_var_backward, (randn(), m, randn(2, 4, 5), var, 1e-6, "sum", True, True, True)),
-        (ops.reference_philox_normal, (2**61 + 5, 2**32 - 3, 7, torch.float32, torch.device("cpu"))),
-        (ops.reference_philox_normal, (0, 0, 0, torch.float64, torch.device("cpu"))),
+        (ops.reference_philox_normal, (torch.tensor([2**61 + 5, 2**32 - 3]), 7, torch.float32, torch.device("cpu"))),
+        (ops.reference_philox_normal, (torch.tensor([0, 0]), 0, torch.float64, torch.device("cpu"))),
     ]
 
 

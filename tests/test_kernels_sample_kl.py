@@ -440,13 +440,14 @@ def test_empty_tensors(shape, reduction):
         assert g is None or (g.shape == t.shape and not g.any())
 
 
-def test_context_keeps_the_inputs_and_two_integers_only(gen):
+def test_context_keeps_the_inputs_and_the_key_only(gen):
     leaves = [randn(gen, (4, 6)).float().requires_grad_() for _ in range(2)]
-    z, _ = ksample_kl.rsample_kl(*leaves, None, None, n_samples=3, seed=11, offset=12, sample=True, kl=True,
-                                 reduction="sum")
+    key = fv.seeding.key_from_ints(11, 12, DEVICE)
+    z, _ = ksample_kl.rsample_kl(*leaves, None, None, n_samples=3, key=key, sample=True, kl=True, reduction="sum")
     saved = [t for t in z.grad_fn.saved_tensors if t is not None]
-    assert len(saved) == 2
-    assert all(any(s.data_ptr() == leaf.data_ptr() for leaf in leaves) for s in saved)
+    assert len(saved) == 3
+    assert all(any(s.data_ptr() == leaf.data_ptr() for leaf in leaves) for s in saved[:2])
+    assert saved[2].data_ptr() == key.data_ptr() and saved[2].numel() * saved[2].element_size() == 16
     assert all(s.numel() < z.numel() for s in saved)
 
 

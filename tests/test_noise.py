@@ -49,11 +49,13 @@ def test_whole_blocks_is_the_path_taken():
     """The launcher's choice: rows and offsets that are multiples of 4 and 4-wide tiles draw whole blocks."""
     view = ksample_kl._common.row_plan(torch.zeros(64, 256), [])[1]
     tiling = ksample_kl._common.row_tiling(view.rows, view.cols, torch.device("cpu"))
-    assert ksample_kl._whole_blocks(view, tiling, offset=8)
-    assert not ksample_kl._whole_blocks(view, tiling, offset=6)
+    assert ksample_kl._whole_blocks(view, tiling, aligned=True)
+    assert not ksample_kl._whole_blocks(view, tiling, aligned=False)
     odd = ksample_kl._common.row_plan(torch.zeros(64, 255), [])[1]
-    assert not ksample_kl._whole_blocks(odd, ksample_kl._common.row_tiling(odd.rows, odd.cols, torch.device("cpu")), 8)
+    assert not ksample_kl._whole_blocks(odd, ksample_kl._common.row_tiling(odd.rows, odd.cols, torch.device("cpu")),
+                                        True)
     assert fv.seeding.draw_seed_offset(torch.Generator().manual_seed(5))[1] % 4 == 0
+    assert all(int(fv.seeding.draw_key("cpu", torch.Generator().manual_seed(s))[1]) % 4 == 0 for s in range(20))
 
 
 @pytest.mark.parametrize("path", list(PATHS))

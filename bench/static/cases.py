@@ -68,8 +68,8 @@ def _rsample_kl(layout, dtype):
         def run():
             mu, lv = (make(LATENT, dtype, layout, True) for _ in range(2))
             pmu, plv = (make(LATENT, dtype, layout, True) for _ in range(2)) if prior else (None, None)
-            z, out = rsample_kl(mu, lv, pmu, plv, n_samples=k, seed=0x5EED5EED, offset=4096, sample=sample,
-                                kl=kl, reduction=reduction)
+            key = torch.tensor([0x5EED5EED, 4096], dtype=torch.int64, device=mu.device)  # [seed, offset], as drawn
+            z, out = rsample_kl(mu, lv, pmu, plv, n_samples=k, key=key, sample=sample, kl=kl, reduction=reduction)
             inputs = [t for t in (mu, lv, pmu, plv) if t is not None]
             return inputs, [t for t in (z, out) if t is not None], inputs, mu.numel()
 

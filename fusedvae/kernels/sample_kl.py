@@ -3,7 +3,9 @@
 The backend entry point :func:`rsample_kl` has the semantics of :func:`fusedvae.reference.sampling.rsample_kl`:
 ``z = mu + exp(lv / 2) * eps`` for ``n_samples`` draws, shape ``(n_samples, *mu.shape)``, with Philox
 noise keyed by ``(seed, offset + k * mu.numel() + i)`` for sample ``k`` and row-major element ``i``
-(see :mod:`.philox`); and ``KL(N(mu, e^lv) || N(mu_p, e^lv_p)) = 0.5 (g(d) + (mu - mu_p)^2 e^{-lv_p})``,
+(see :mod:`.philox`), ``seed`` and ``offset`` loaded by each program from the int64 device tensor ``key``
+(:func:`fusedvae.seeding.draw_key`: graph-safe, so a replayed CUDA graph draws new noise); and
+``KL(N(mu, e^lv) || N(mu_p, e^lv_p)) = 0.5 (g(d) + (mu - mu_p)^2 e^{-lv_p})``,
 ``d = lv - lv_p``, ``g(d) = e^d - 1 - d`` from its Taylor series for ``|d| < 0.5`` (no cancellation,
 no libdevice ``expm1``), reduced by ``"none"``, ``"sum"``, ``"per_sample"`` or ``"per_dim"``.
 
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
+from ..seeding import check_key, key_from_ints
 from . import _common, _custom_op
 from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM, column_offsets, emit_finish, emit_step
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
@@ -60,11 +63,11 @@ def _program_tile(N, n_col_blocks, row_steps, INT64: tl.constexpr, BLOCK_B: tl.c
     return pid_n, pid_b, cols, cols < N, pid_b * row_steps * BLOCK_B
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit
 def _sample_kl_forward_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, z_ptr, kl_ptr,  # absent priors / outputs are None
     mu_st, lv_st, pmu_st, plv_st, out_st,  # (row, d1, d2, d3) strides; out_st: z's samples, an elementwise KL
-    B, N, dims, numel, n_samples, seed: tl.int64, offset: tl.int64, n_col_blocks, row_steps,
+    B, N, dims, numel, n_samples, key_ptr, n_col_blocks, row_steps,  # key_ptr: int64 [seed, offset]
     SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr, INT64: tl.constexpr,
@@ -78,6 +81,9 @@ def _sample_kl_forward_kernel(
         pmu_col = column_offsets(cols, dims, pmu_st, INNER_RANK)
     if HAS_PLV:
         plv_col = column_offsets(cols, dims, plv_st, INNER_RANK)
+    if SAMPLE:
+        seed = tl.load(key_ptr)
+        offset = tl.load(key_ptr + 1)
     acc = tl.zeros([BLOCK_N], dtype=KL_DTYPE)
     for step in range(0, row_steps):
         rows = row0 + step * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -111,12 +117,12 @@ def _sample_kl_forward_kernel(
     emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit
 def _sample_kl_backward_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dz_ptr, gkl_ptr,  # dz: z's incoming gradient; gkl: the KL's, over mu's shape
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # None when not needed; prior grads elementwise or partial buffers
     mu_st, lv_st, pmu_st, plv_st, dz_st, gkl_st, out_st, dz_sk,  # dz_sk: dz's stride between samples
-    B, N, dims, numel, n_samples, seed: tl.int64, offset: tl.int64, n_col_blocks, row_steps,
+    B, N, dims, numel, n_samples, key_ptr, n_col_blocks, row_steps,  # key_ptr: int64 [seed, offset]
     HAS_DZ: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
@@ -135,6 +141,9 @@ def _sample_kl_backward_kernel(
             plv_col = column_offsets(cols, dims, plv_st, INNER_RANK)
     if HAS_DZ:
         dz_col = column_offsets(cols, dims, dz_st, INNER_RANK)
+    if HAS_DZ:
+        seed = tl.load(key_ptr)
+        offset = tl.load(key_ptr + 1)
     acc_pmu = tl.zeros([BLOCK_N], dtype=GRAD_DTYPE)
     acc_plv = tl.zeros([BLOCK_N], dtype=GRAD_DTYPE)
     for step in range(0, row_steps):
@@ -196,12 +205,15 @@ def _sample_kl_backward_kernel(
 #: Tests set ``(BLOCK_B, BLOCK_N, row_steps)`` here to force many small programs (forward and
 #: backward may be given different tilings: the noise is keyed by the logical index).
 TILING_OVERRIDE: tuple[int, int, int] | None = None
-def _whole_blocks(view: _common.StridedView, tiling: _common.RowTiling, offset: int) -> bool:
-    """Whether every tile row starts a Philox block (an index ``4 k``): each block is then drawn once, not 4 times."""
-    return view.cols % 4 == 0 and tiling.block_n % 4 == 0 and offset % 4 == 0
+def _whole_blocks(view: _common.StridedView, tiling: _common.RowTiling, aligned: bool) -> bool:
+    """Whether every tile row starts a Philox block (an index ``4 k``): each block is then drawn once, not 4 times.
+
+    ``aligned``: the key's offset is a multiple of 4 (always so for :func:`fusedvae.seeding.draw_key`).
+    """
+    return view.cols % 4 == 0 and tiling.block_n % 4 == 0 and aligned
 
 
-def _samples_as_rows(mu, logvar, z, n_samples, seed, offset) -> bool:
+def _samples_as_rows(mu, logvar, z, n_samples, key, aligned) -> bool:
     """Draw z over the view ``(n_samples, *mu.shape)`` (mu and lv broadcast along the samples), one sample loop step.
 
     When the posterior alone would leave the device idle (IWAE: a small posterior, thousands of samples),
@@ -219,8 +231,8 @@ def _samples_as_rows(mu, logvar, z, n_samples, seed, offset) -> bool:
     mu_st, lv_st, out_st = view.strides
     _sample_kl_forward_kernel[(tiling.n_col_blocks * tiling.n_row_chunks,)](
         passed[0], passed[1], None, None, z, None, mu_st, lv_st, (0, 0, 0, 0), (0, 0, 0, 0), out_st,
-        view.rows, view.cols, view.dims, z.numel(), 1, seed, offset, tiling.n_col_blocks, tiling.row_steps,
-        SAMPLE=True, WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=OFF, HAS_PMU=False, HAS_PLV=False,
+        view.rows, view.cols, view.dims, z.numel(), 1, key, tiling.n_col_blocks, tiling.row_steps,
+        SAMPLE=True, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), KL_MODE=OFF, HAS_PMU=False, HAS_PLV=False,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)), INT64=_common.row_view_needs_int64(view, tiling),
         BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
@@ -228,7 +240,7 @@ def _samples_as_rows(mu, logvar, z, n_samples, seed, offset) -> bool:
     return True
 
 
-def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, offset, sample, kl, reduction):
+def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, sample, kl, reduction):
     """One pass over the inputs: z (when ``sample``) and the KL reduced by ``reduction`` (when ``kl``)."""
     if not kl:
         prior_mu = prior_logvar = None
@@ -257,13 +269,13 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, of
         kl_buffer = _common.empty(partials, kl_dtype, device)
     programs = tiling.n_col_blocks * tiling.n_row_chunks
     if sample and n_samples > 1 and programs < _common.target_programs(device):
-        sample = not _samples_as_rows(mu, logvar, z, n_samples, seed, offset)
+        sample = not _samples_as_rows(mu, logvar, z, n_samples, key, aligned)
         if not sample and kl_mode == OFF:
             return z, None
     _sample_kl_forward_kernel[(programs,)](
-        *operands, z, kl_buffer, *view.strides, view.rows, view.cols, view.dims, numel, n_samples, seed, offset,
+        *operands, z, kl_buffer, *view.strides, view.rows, view.cols, view.dims, numel, n_samples, key,
         tiling.n_col_blocks, tiling.row_steps,
-        SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), KL_MODE=kl_mode,
+        SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), KL_MODE=kl_mode,
         HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(kl_dtype), INT64=_common.row_view_needs_int64(view, tiling, n_samples),
@@ -284,7 +296,7 @@ def _kl_grad_view(grad_kl: torch.Tensor, reduction: str, shape2: torch.Size) -> 
     return grad_kl.expand(shape2)  # "sum": a scalar; "per_dim": shape2[1:], repeated along the rows
 
 
-def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, seed, offset, reduction,
+def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, reduction,
                        needs):
     """One pass: dmu, dlogvar and the priors' gradients (those ``needs`` asks for), noise regenerated."""
     shape, device = mu.shape, mu.device
@@ -328,8 +340,8 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
     _sample_kl_backward_kernel[(tiling.n_col_blocks * tiling.n_row_chunks,)](
         mu_e, lv_e, pmu_e, plv_e, grad_z, gkl_e, dmu, dlv, dpmu, dplv,
         *view.strides, grad_z.stride(0) if grad_z is not None else 0,
-        view.rows, view.cols, view.dims, mu.numel(), n_samples, seed, offset, tiling.n_col_blocks, tiling.row_steps,
-        HAS_DZ=grad_z is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, offset), HAS_GKL=gkl_e is not None,
+        view.rows, view.cols, view.dims, mu.numel(), n_samples, key, tiling.n_col_blocks, tiling.row_steps,
+        HAS_DZ=grad_z is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), HAS_GKL=gkl_e is not None,
         HAS_PMU=pmu_e is not None,
         HAS_PLV=plv_e is not None, WRITE_DMU=need_mu, WRITE_DLV=need_lv,
         PMU_MODE=pmu_mode, PLV_MODE=plv_mode,
@@ -357,24 +369,25 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
 # --------------------------------------------------------------------------------------------- #
 # The launchers are ``torch.library`` custom ops tied together by ``register_autograd`` rather than an
 # autograd.Function: with an autograd.Function Dynamo would speculate its forward and backward (ctx
-# attributes holding unbacked SymInt seeds, needs_input_grad, set_materialize_grads), whose support
-# varies between torch releases; this way the op is one opaque node and AOTAutograd puts the backward
-# op in the backward graph. The context saves only the inputs and the integers (n_samples, seed, offset).
+# attributes, needs_input_grad, set_materialize_grads), whose support varies between torch releases;
+# this way the op is one opaque node and AOTAutograd puts the backward op in the backward graph. The
+# context saves the inputs and the forward's noise key tensor (16 bytes): the backward regenerates the
+# same noise from it, also when a CUDA graph replays both with a fresh key.
 
 
 @torch.library.custom_op(
     _custom_op.op_name("sample_kl_forward"), mutates_args=(),
-    schema="(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, SymInt n_samples, SymInt seed, "
-    "SymInt offset, bool sample, bool kl, str reduction) -> (Tensor, Tensor)",
+    schema="(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, SymInt n_samples, Tensor key, "
+    "bool aligned, bool sample, bool kl, str reduction) -> (Tensor, Tensor)",
 )
-def _sample_kl_forward_op(mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction):
-    z, kl_out = sample_kl_forward(mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, seed=seed,
-                                  offset=offset, sample=sample, kl=kl, reduction=reduction)
+def _sample_kl_forward_op(mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, sample, kl, reduction):
+    z, kl_out = sample_kl_forward(mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, key=key,
+                                  aligned=aligned, sample=sample, kl=kl, reduction=reduction)
     return tuple(_custom_op.absent(mu) if t is None else _common.in_policy_layout(t, mu) for t in (z, kl_out))
 
 
 @_sample_kl_forward_op.register_fake
-def _(mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction):
+def _(mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, sample, kl, reduction):
     if not kl:
         prior_mu = prior_logvar = None
     shape = mu.shape
@@ -402,20 +415,20 @@ def _returned_grads(grad_kl, prior_mu, prior_logvar, needs):
 @torch.library.custom_op(
     _custom_op.op_name("sample_kl_backward"), mutates_args=(),
     schema="(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
-    "SymInt n_samples, SymInt seed, SymInt offset, str reduction, bool need_mu, bool need_logvar, "
+    "SymInt n_samples, Tensor key, bool aligned, str reduction, bool need_mu, bool need_logvar, "
     "bool need_prior_mu, bool need_prior_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
 )
-def _sample_kl_backward_op(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, reduction,
+def _sample_kl_backward_op(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, reduction,
                            need_mu, need_logvar, need_prior_mu, need_prior_logvar):
-    grads = sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, seed=seed,
-                               offset=offset, reduction=reduction,
+    grads = sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, key=key,
+                               aligned=aligned, reduction=reduction,
                                needs=(need_mu, need_logvar, need_prior_mu, need_prior_logvar))
     return tuple(_custom_op.absent(t if t is not None else mu) if g is None else _common.in_policy_layout(g, mu)
                  for g, t in zip(grads, (mu, logvar, prior_mu, prior_logvar)))
 
 
 @_sample_kl_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, reduction,
+def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, reduction,
       need_mu, need_logvar, need_prior_mu, need_prior_logvar):
     needs = (need_mu, need_logvar, need_prior_mu, need_prior_logvar)
     return tuple(
@@ -426,11 +439,11 @@ def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offs
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, sample, kl, reduction = inputs
+    mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, sample, kl, reduction = inputs
     if not kl:
         prior_mu = prior_logvar = None
-    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-    ctx.config = (n_samples, seed, offset, sample, kl, reduction)
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, key)
+    ctx.config = (n_samples, aligned, sample, kl, reduction)
     z, kl_out = output
     if not sample:
         ctx.mark_non_differentiable(z)
@@ -440,16 +453,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_z, grad_kl):
-    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-    n_samples, seed, offset, sample, kl, reduction = ctx.config
+    mu, logvar, prior_mu, prior_logvar, key = ctx.saved_tensors
+    n_samples, aligned, sample, kl, reduction = ctx.config
     grad_z = grad_z if sample else None
     grad_kl = grad_kl if kl else None
     needs = tuple(ctx.needs_input_grad[:4])
-    none = (None,) * 6  # n_samples, seed, offset, sample, kl, reduction
+    none = (None,) * 6  # n_samples, key, aligned, sample, kl, reduction
     if (grad_z is None and grad_kl is None) or not any(needs):
         return (None,) * 4 + none
     grads = torch.ops.fusedvae.sample_kl_backward(
-        grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, seed, offset, reduction, *needs
+        grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, reduction, *needs
     )
     returned = _returned_grads(grad_kl, prior_mu, prior_logvar, needs)
     return (*(g if r else None for g, r in zip(grads, returned)), *none)
@@ -460,7 +473,8 @@ _sample_kl_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def rsample_kl(
     mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None, prior_logvar: torch.Tensor | None, *,
-    n_samples: int, seed: int, offset: int, sample: bool, kl: bool, reduction: str,
+    n_samples: int, key: torch.Tensor | None = None, seed: int | None = None, offset: int | None = None,
+    sample: bool, kl: bool, reduction: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backend entry point: z when ``sample``, the KL reduced by ``reduction`` when ``kl``.
 
@@ -468,10 +482,15 @@ def rsample_kl(
     *mu.shape)`` in the promoted dtype of ``mu`` and ``logvar``; the KL is elementwise in the promoted
     dtype of all four inputs for ``"none"``, or ``"sum"`` (0-dim), ``"per_sample"`` (``(B,)``),
     ``"per_dim"`` (``mu.shape[1:]``) in the compute dtype. Differentiable in all four tensors; the
-    backward pass regenerates the noise. ``seed`` and ``offset`` may be Python ints or, under Dynamo,
-    the SymInts of ``draw_seed_offset`` (passed through untouched). Example::
+    backward pass regenerates the noise from the forward's key.
 
-        >>> z, kl = rsample_kl(mu, lv, None, None, n_samples=1, seed=1, offset=0, sample=True, kl=True,
+    The noise key: ``key``, the ``(2,)`` int64 tensor ``[seed, offset]`` of :func:`fusedvae.seeding.draw_key`
+    on ``mu``'s device (its offset a multiple of 4), read by the kernels on the device (never on the host, so
+    CUDA graphs replay it); or the ints ``seed`` and ``offset`` (tests, benchmarks: copied to the device, any
+    offset). Neither is needed without ``sample``. Example::
+
+        >>> key = fusedvae.seeding.draw_key(mu.device)
+        >>> z, kl = rsample_kl(mu, lv, None, None, n_samples=1, key=key, sample=True, kl=True,
         ...                    reduction="sum")  # doctest: +SKIP
     """
     if not sample and not kl:
@@ -480,7 +499,15 @@ def rsample_kl(
         raise ValueError(f"reduction must be one of {tuple(_REDUCTION_MODE)}, got {reduction!r}")
     if not kl:
         prior_mu = prior_logvar = None
+    if key is not None:
+        key, aligned = check_key(key, mu.device), True
+    elif not sample:
+        key, aligned = torch.zeros(2, dtype=torch.int64, device=mu.device), True  # never read
+    elif seed is None or offset is None:
+        raise ValueError("pass key (a (2,) int64 tensor [seed, offset]) or both seed and offset")
+    else:
+        key, aligned = key_from_ints(seed, offset, mu.device), offset % 4 == 0
     z, kl_out = torch.ops.fusedvae.sample_kl_forward(
-        mu, logvar, prior_mu, prior_logvar, int(n_samples), seed, offset, bool(sample), bool(kl), reduction
+        mu, logvar, prior_mu, prior_logvar, int(n_samples), key, aligned, bool(sample), bool(kl), reduction
     )
     return (z if sample else None), (kl_out if kl else None)
