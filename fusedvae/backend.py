@@ -38,9 +38,13 @@ def _requested_backend() -> str:
     return name
 
 
+# Looked up once: Dynamo (torch 2.11) cannot trace importlib.util.find_spec inside a compiled op call.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package can be imported (checked once, at import)."""
+    return _TRITON_FOUND
 
 
 def triton_interpreter_enabled() -> bool:
