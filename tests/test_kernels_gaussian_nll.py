@@ -209,7 +209,7 @@ def test_gaussian_nll_int64_index_path(gen, monkeypatch):
         m, ls = mean.clone().requires_grad_(), s.clone().requires_grad_()
         with fv.use_backend("triton"):
             out = fv.gaussian_nll(x, m, ls, reduction="per_sample")
-            out.backward(torch.linspace(0.5, 1.5, 3, dtype=F64))
+            out.backward(torch.linspace(0.5, 1.5, 3, dtype=F64, device=out.device))
         return out, m.grad, ls.grad
 
     narrow = once()
@@ -243,9 +243,9 @@ def test_gaussian_nll_empty(shape):
 def test_gaussian_nll_empty_var_and_sse():
     x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
     with fv.use_backend("triton"):
-        assert fv.gaussian_nll_loss(x, x.detach(), torch.ones(0, 5), reduction="sum").item() == 0.0
+        assert fv.gaussian_nll_loss(x, x.detach(), torch.ones(0, 5, device=DEVICE), reduction="sum").item() == 0.0
         assert fv.gaussian_nll_loss(x, x.detach(), 1.0, reduction="none").shape == (0, 5)
-        out = fv.gaussian_nll_optimal(x, torch.zeros(0, 5), reduction="sum")
+        out = fv.gaussian_nll_optimal(x, torch.zeros(0, 5, device=DEVICE), reduction="sum")
         assert out.shape == ()
 
 
