@@ -15,9 +15,9 @@ setup_context=...)``. Schemas are written out (not inferred from annotations: th
 
 Rules the ops follow: every output is a fresh tensor (never an input or a view of one); an output
 that a call does not produce (z of a KL-only call, a gradient nobody asked for) is an empty
-placeholder of shape ``(0,)``, because a custom op cannot return None; seeds and offsets are
-``SymInt`` so that the unbacked integers Dynamo makes of ``draw_seed_offset``'s ``.tolist()`` flow
-into the graph unchanged.
+placeholder of shape ``(0,)``, because a custom op cannot return None; the noise key is a ``Tensor``
+(``(2,)`` int64 on the op's device, from :func:`fusedvae.seeding.draw_key`), never read on the host,
+so a captured CUDA graph replays a fresh draw and Dynamo sees no data-dependent integer.
 """
 
 from __future__ import annotations
