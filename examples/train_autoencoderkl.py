@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench import autoencoderkl as akl
-from bench.data import synthetic_images
-from fusedvae.compat.diffusers import patch
+# The training step and the synthetic images come from the benchmark suite, which lives in the
+# repository (it is not installed with fusedvae): run this from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import autoencoderkl as akl  # noqa: E402
+from bench.data import synthetic_images  # noqa: E402
+from fusedvae.compat.diffusers import patch  # noqa: E402
 
 
 def run(step: akl.AutoencoderKLTrainStep, data: torch.Tensor, batches: list[torch.Tensor], device: torch.device,

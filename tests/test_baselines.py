@@ -70,7 +70,7 @@ def test_sigma_vae_optimal_sigma_is_fusedvae_optimal(gen, per_sample):
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v.op != "rsample_kl"], ids=lambda v: f"{v.op}:{v.variant}")
 def test_every_micro_variant_agrees(gen, variant):
     """What the suite times under ``torch`` and under ``fusedvae``: the same numbers (float64 inputs)."""
-    shape = (6, 5) if variant.kind == "latent" else (3, 3, 4, 4)
+    shape = (6, 5) if variant.kind in ("latent", "betatc") else (3, 3, 4, 4)
     tensors = variant.make(shape, F64, torch.device("cpu"), gen)
     _assert_agree(lambda *t: variant.fn(*t)[0], lambda *t: variant.baseline(*t)[0], tensors)
 
@@ -92,7 +92,7 @@ def test_rsample_kl_variants_draw_the_same_noise_on_a_cpu(gen, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v.op}:{v.variant}")
 def test_fusedvae_saves_no_more_for_backward_than_torch(gen, variant):
-    shape = (256, 32) if variant.kind == "latent" else (8, 3, 16, 16)
+    shape = (256, 32) if variant.kind in ("latent", "betatc") else (8, 3, 16, 16)
     tensors = variant.make(shape, torch.float32, torch.device("cpu"), gen)
     saved = {}
     for name, fn in (("fusedvae", variant.fn), ("torch", variant.baseline)):
