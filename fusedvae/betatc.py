@@ -19,7 +19,7 @@ import torch
 
 from . import validation as check
 from .analysis import betatc as _reference
-from .analysis.betatc import SAMPLINGS, AggregatePosterior, BetaTC
+from .analysis.betatc import AggregatePosterior, BetaTC
 from .backend import backend_for
 from .precision import compute_dtype, result_dtype
 
@@ -32,20 +32,7 @@ def _check(z, mu, logvar, dataset_size, sampling, prior_mu=None, prior_logvar=No
         if value is not None or name in ("z", "mu", "logvar"):
             check.check_tensor(name, value)
     check.check_same_device({"z": z, "mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar})
-    if not isinstance(sampling, str) or sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    if mu.dim() != 2:
-        raise ValueError(f"mu must have shape (B, D), got {tuple(mu.shape)}")
-    check.check_same_shape("z", z, "mu", mu)
-    check.check_same_shape("logvar", logvar, "mu", mu)
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int):
-        raise TypeError(f"dataset_size must be an int, got {type(dataset_size).__name__}")
-    smallest = 2 if sampling == "mss" else 1
-    if not smallest <= mu.shape[0] <= dataset_size:
-        raise ValueError(
-            f"dataset_size must be at least the batch size, and the batch at least {smallest} for {sampling!r}: "
-            f"got batch size {mu.shape[0]}, dataset_size={dataset_size}"
-        )
+    _reference.check_inputs(z, mu, logvar, dataset_size, sampling)  # sampling, shapes (B, D), dataset_size
     for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
         if prior is not None:
             check.check_broadcasts_to(name, prior, "mu", mu)

@@ -77,7 +77,8 @@ def mss_log_weights(batch_size: int, dataset_size: int, *, dtype=torch.float64, 
     return weights.log()
 
 
-def _check_inputs(z, mu, logvar, dataset_size, sampling) -> None:
+def check_inputs(z, mu, logvar, dataset_size, sampling) -> None:
+    """``sampling`` known, ``z``, ``mu``, ``logvar`` floating ``(B, D)`` alike, ``dataset_size`` an int >= B."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     for name, t in (("z", z), ("mu", mu), ("logvar", logvar)):
@@ -120,7 +121,7 @@ def log_aggregate_posterior(
         >>> [t.shape for t in log_aggregate_posterior(z, mu, logvar, dataset_size=60_000)]
         [torch.Size([64]), torch.Size([64, 3])]
     """
-    _check_inputs(z, mu, logvar, dataset_size, sampling)
+    check_inputs(z, mu, logvar, dataset_size, sampling)
     batch_size = z.shape[0]
     log_q = log_normal(z[:, None, :], mu[None, :, :], logvar[None, :, :])  # (B_i, B_j, D): log q(z_id | x_j)
     if sampling == "mws":
@@ -335,7 +336,7 @@ def streaming_log_aggregate_posterior(
         >>> torch.allclose(dense.joint, streamed.joint) and torch.allclose(dense.marginals, streamed.marginals)
         True
     """
-    _check_inputs(z, mu, logvar, dataset_size, sampling)
+    check_inputs(z, mu, logvar, dataset_size, sampling)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     dtype = compute_dtype(z, mu, logvar)
