@@ -99,26 +99,22 @@ def cos_approx(x):
 
 @triton.jit
 def exp_accurate_f32(x):
-    """``exp(x)`` in float32 within ~2 ulp for every ``x`` (a dozen instructions, one ``MUFU.EX2``).
+    """``exp(x)`` in float32 within ~2 ulp for every ``x`` (11 SASS instructions, one ``MUFU.EX2``).
 
-    Cody-Waite: ``n = round(x log2 e)`` (by the 1.5 x 2^23 trick: no FRND, no F2I),
-    ``f = x - n ln2_hi - n ln2_lo`` (exact, ``|f| <= ln2 / 2``), so ``ex2.approx(f log2 e)`` sees an
-    input within [-0.5, 0.5] whose rounding costs < 2^-25; ``2^n`` is built from exponent bits in two
-    halves (``n1 + n2 = n``), so every factor is a normal float and the product overflows to inf and
-    underflows to a subnormal or 0 as exp does. ``x`` is clamped to
-    [-128, 128] first (beyond, the result is already 0 or inf); NaN stays NaN.
+    Cody-Waite: ``n = round(x log2 e)`` (the 1.5 x 2^23 trick: one FFMA, no FRND, no F2I), ``f = x - n
+    ln2_hi - n ln2_lo`` (exact, ``|f| <= ln2 / 2``); then ``2^(f log2 e + 1)`` by ``ex2.approx`` (its
+    input in [0.5, 1.5], so rounding it costs < 2^-24 relative, unlike ``ex2.approx(x log2 e)``) times
+    ``2^(n - 1)``, whose bits are ``n``'s shifted into the exponent field (one LEA). The shift by one
+    lets ``n`` reach 128: ``exp`` overflows to inf (``x`` is clamped to 89 first, NaN-propagating);
+    below ``x = -86.9`` (``exp(x)`` < 1.8e-38, where ``2^(n - 1)`` would leave the normal range) the
+    result is 0, a flush to zero as ``.ftz`` does. NaN stays NaN.
     """
-    x = x.to(tl.float32)
-    x = tl.where(x > 128.0, 128.0, x)  # comparisons, not min/max: a NaN falls through both
-    x = tl.where(x < -128.0, -128.0, x)
+    x = tl.where(x > 89.0, 89.0, x.to(tl.float32))  # a comparison, not min(): a NaN falls through
     t = x * LOG2E + ROUNDER  # one FFMA: round(x log2 e) lands in t's low mantissa bits (|n| < 2^22)
     n = t - ROUNDER
     f = x - n * LN2_HI
     f = f - n * LN2_LO
-    p = ex2_approx(f * LOG2E)
-    ni = t.to(tl.int32, bitcast=True) - ROUNDER_BITS
-    n1 = ni >> 1
-    n2 = ni - n1
-    scale1 = ((n1 + 127) << 23).to(tl.float32, bitcast=True)
-    scale2 = ((n2 + 127) << 23).to(tl.float32, bitcast=True)
-    return p * scale1 * scale2
+    p = ex2_approx(f * LOG2E + 1.0)
+    # t's bits are ROUNDER_BITS + n, and ROUNDER_BITS << 23 wraps to 0 in 32 bits: (bits << 23) is n << 23.
+    scale = ((t.to(tl.int32, bitcast=True) << 23) + (126 << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x < -86.9, 0.0, p * scale)
