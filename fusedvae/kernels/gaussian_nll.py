@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
-from . import _common, _custom_op
-from ._common import ELEMENTWISE, SUM, div, exp, kept_coords, kept_offset, log, reduced_coords, reduced_offset, upcast
+from . import _common, _custom_op, fastmath
+from ._common import ELEMENTWISE, SUM, div, exp, kept_coords, kept_offset, log, reduced_offset, upcast
 
 __all__ = ["gaussian_nll"]
 
@@ -61,6 +61,65 @@ OP_VAR = tl.constexpr(1)  # 0.5 (log v + (a - b)^2 / v), v = max(var, eps)
 OP_SSE = tl.constexpr(2)  # (a - b)^2
 
 _NUM_WARPS = 4
+#: The smallest normal float32: a variance clamped to at least this has a normal reciprocal and exponent field.
+_FLT_MIN = 1.1754943508222875e-38
+_INF = tl.constexpr(float("inf"))
+
+
+# --------------------------------------------------------------------------------------------- #
+# float32 helpers of the FAST path (hardware approximations: CUDA only, see :mod:`.fastmath`)   #
+# --------------------------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _log_clamped_fast(v):
+    """``log(v)`` for float32 ``v >= 2^-126`` (a variance clamped by ``eps``), ``+inf`` included; <= ~1 ulp.
+
+    fdlibm's form without its special cases: ``v = 2^k m``, ``m`` in [sqrt(1/2), sqrt(2)) found by one
+    integer subtraction (no compare, no select), ``f = m - 1`` exact, ``log(1 + f) = f + (s (h + R) - h)``
+    with ``h = f^2/2``, ``s = f/(2 + f)``, ``R`` :func:`._common.log_positive_f32`'s series. ``s`` only feeds
+    the correction, so ``rcp.approx`` (1 ulp) costs < 0.15 ulp of the result; ``k ln 2`` is one FFMA
+    (float32 ln 2 is off by 0.03 ulp). A NaN ``v`` gives a finite value here: the callers' ``d^2 / v``
+    carries the NaN.
+    """
+    ix = v.to(tl.int32, bitcast=True) - 0x3F3504F3
+    k = ix >> 23
+    f = ((ix & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
+    s = f * fastmath.rcp_approx(2.0 + f)
+    z = s * s
+    p = z * 0.2222222222222222 + 0.2857142857142857
+    p = p * z + 0.4
+    p = p * z + 0.6666666666666666
+    h = (0.5 * f) * f
+    u = s * (p * z + h) - h
+    y = k.to(tl.float32) * fastmath.LN2 + (f + u)
+    return tl.where(v == _INF, _INF, y)
+
+
+@triton.jit
+def _log_var(v, F64: tl.constexpr, FAST: tl.constexpr):
+    """``log`` of a clamped variance: the FAST form (``v >= 2^-126`` guaranteed by the launcher) or the exact one."""
+    if FAST:
+        y = _log_clamped_fast(v)
+    else:
+        y = log(v, F64)
+    return y
+
+
+@triton.jit
+def _reduced_coords(rb, R1, R2, FLAT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """:func:`._common.reduced_coords`, without its integer division when one reduced dim is all (``FLAT``)."""
+    if FLAT:
+        r2 = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        r0 = 0
+        r1 = 0
+    else:
+        n_rblk2 = (R2 + BLOCK_R - 1) // BLOCK_R
+        rout = rb // n_rblk2
+        r2 = (rb % n_rblk2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r0 = rout // R1
+        r1 = rout % R1
+    return r0, r1, r2
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -74,52 +133,87 @@ def _gaussian_nll_fwd_kernel(
     K1, K2, R1, R2, n_kblk, n_rblk, n_rchunks, chunk_iters,
     a_st, b_st, s_st, o_st,  # each operand's (kept k0..k2, reduced r0..r2) strides
     OP: tl.constexpr, MODE: tl.constexpr, FULL: tl.constexpr, EPS: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, FAST: tl.constexpr, V_FULL: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Elementwise loss of ``a`` (x / input), ``b`` (mean / target) and the small operand ``s``.
 
     ELEMENTWISE stores every element at ``out``; SUM stores this program's sum at ``partial[pid]``.
+    ``V_FULL``: ``s`` is a per-element variance, read in the tile loop like ``a`` (nothing is kept).
+    ``OP_VAR`` forms twice the loss, ``log v + d^2 / v``, and halves it once at the store or the sum.
     """
     pid, pid_r, k0, k1, k2 = kept_coords(K1, n_kblk, n_rchunks, INT64, BLOCK_K)
     kmask = k2 < K2
     a_k = kept_offset(k0, k1, k2, a_st)
     b_k = kept_offset(k0, k1, k2, b_st)
     o_k = kept_offset(k0, k1, k2, o_st)
-    # Per kept index: sigma and exp(-sigma), or the clamped variance and its log. Once, not per element.
+    s_k = kept_offset(k0, k1, k2, s_st)
+    # Per kept index: sigma and exp(-sigma), or the clamped variance, its log (and, FAST, its reciprocal).
+    # Once, not per element.
     if OP == OP_NLL:
-        s = upcast(tl.load(s_ptr + kept_offset(k0, k1, k2, s_st), mask=kmask, other=0.0), F64)
-        inv_sigma = exp(-s, F64)[:, None]
-        shift = s[:, None]
+        if not V_FULL:
+            s = upcast(tl.load(s_ptr + s_k, mask=kmask, other=0.0), F64)
+            inv_sigma = exp(-s, F64)[:, None]
+            shift = s[:, None]
     elif OP == OP_VAR:
-        v = upcast(tl.load(s_ptr + kept_offset(k0, k1, k2, s_st), mask=kmask, other=1.0), F64)
-        v = tl.where(v < EPS, EPS, v)  # max(var, eps); a NaN variance stays NaN, as with torch.clamp
-        var = v[:, None]
-        log_var = log(v, F64)[:, None]
+        if not V_FULL:
+            v = upcast(tl.load(s_ptr + s_k, mask=kmask, other=1.0), F64)
+            v = tl.where(v < EPS, EPS, v)  # max(var, eps); a NaN variance stays NaN, as with torch.clamp
+            var = v[:, None]
+            log_var = _log_var(v, F64, FAST)[:, None]
+            if FAST:
+                inv_var = fastmath.rcp_approx(v)[:, None]
     acc = upcast(tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32), F64)
     rb_start = pid_r * chunk_iters
     rb_end = tl.minimum(rb_start + chunk_iters, n_rblk)
     for rb in range(rb_start, rb_end):
-        r0, r1, r2 = reduced_coords(rb, R1, R2, BLOCK_R)
+        r0, r1, r2 = _reduced_coords(rb, R1, R2, FLAT, BLOCK_R)
         mask = kmask[:, None] & (r2 < R2)[None, :]
         a = tl.load(a_ptr + (a_k[:, None] + reduced_offset(r0, r1, r2, a_st)[None, :]), mask=mask, other=0.0)
         b = tl.load(b_ptr + (b_k[:, None] + reduced_offset(r0, r1, r2, b_st)[None, :]), mask=mask, other=0.0)
         d = upcast(a, F64) - upcast(b, F64)
+        s_off = s_k[:, None] + reduced_offset(r0, r1, r2, s_st)[None, :]  # dead code unless V_FULL
         if OP == OP_NLL:
-            r = d * inv_sigma  # r before squaring: finite for |s| <= 80 unless the true value is not
-            val = 0.5 * r * r + shift
+            if V_FULL:
+                s = upcast(tl.load(s_ptr + s_off, mask=mask, other=0.0), F64)
+                r = d * exp(-s, F64)
+                val = 0.5 * r * r + s
+            else:
+                r = d * inv_sigma  # r before squaring: finite for |s| <= 80 unless the true value is not
+                val = 0.5 * r * r + shift
         elif OP == OP_VAR:
-            val = 0.5 * (log_var + div(d * d, var, F64))
+            if V_FULL:
+                v = upcast(tl.load(s_ptr + s_off, mask=mask, other=1.0), F64)
+                v = tl.where(v < EPS, EPS, v)
+                if FAST:  # d^2 / v within 1.5 ulp (rcp.approx 1 ulp, one rounding); v = inf gives 0
+                    val = _log_var(v, F64, FAST) + (d * d) * fastmath.rcp_approx(v)
+                else:
+                    val = _log_var(v, F64, FAST) + div(d * d, v, F64)
+            elif FAST:
+                val = log_var + (d * d) * inv_var
+            else:
+                val = log_var + div(d * d, var, F64)
         else:
             val = d * d
         if FULL:
-            val = val + 0.9189385332046727  # log(2 pi) / 2
+            if OP == OP_VAR:
+                val = val + 1.8378770664093453  # log(2 pi), halved with the rest
+            else:
+                val = val + 0.9189385332046727  # log(2 pi) / 2
         if MODE == ELEMENTWISE:
+            if OP == OP_VAR:
+                val = 0.5 * val
             o_off = o_k[:, None] + reduced_offset(r0, r1, r2, o_st)[None, :]
             tl.store(out_ptr + o_off, val.to(out_ptr.dtype.element_ty), mask=mask)
+        elif OP == OP_SSE or (OP == OP_VAR and V_FULL and not FULL and EPS <= 1.0):
+            acc += val  # a masked lane loads a = b = 0 and v = 1: its term is exactly 0, no select needed
         else:
             acc += tl.where(mask, val, 0.0)
     if MODE == SUM:
-        tl.store(partial_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        total = tl.sum(tl.sum(acc, axis=1), axis=0)
+        if OP == OP_VAR:
+            total = 0.5 * total
+        tl.store(partial_ptr + pid, total)
 
 
 @triton.jit
@@ -129,7 +223,8 @@ def _gaussian_nll_bwd_kernel(
     a_st, b_st, s_st, g_st, o_st,  # each operand's (kept k0..k2, reduced r0..r2) strides
     OP: tl.constexpr, EPS: tl.constexpr, G_SCALAR: tl.constexpr,
     STORE_DA: tl.constexpr, STORE_DB: tl.constexpr, STORE_DS: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, FAST: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Gradients from grad_output ``g``: ``da``, ``db`` elementwise (layout ``o``), ``ds`` as per-chunk partials.
 
@@ -148,14 +243,17 @@ def _gaussian_nll_bwd_kernel(
         v = upcast(tl.load(s_ptr + kept_offset(k0, k1, k2, s_st), mask=kmask, other=1.0), F64)
         v = tl.where(v < EPS, EPS, v)  # the clamp is invisible to autograd: d/dvar is taken at max(var, eps)
         var = v[:, None]
-        inv_var = div(1.0, v, F64)[:, None]
+        if FAST:  # 1 ulp; the launcher guarantees v >= 2^-126, so no flush to zero
+            inv_var = fastmath.rcp_approx(v)[:, None]
+        else:
+            inv_var = div(1.0, v, F64)[:, None]
     if G_SCALAR:
         g_all = upcast(tl.load(g_ptr), F64)
     acc = upcast(tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32), F64)
     rb_start = pid_r * chunk_iters
     rb_end = tl.minimum(rb_start + chunk_iters, n_rblk)
     for rb in range(rb_start, rb_end):
-        r0, r1, r2 = reduced_coords(rb, R1, R2, BLOCK_R)
+        r0, r1, r2 = _reduced_coords(rb, R1, R2, FLAT, BLOCK_R)
         mask = kmask[:, None] & (r2 < R2)[None, :]
         a = tl.load(a_ptr + (a_k[:, None] + reduced_offset(r0, r1, r2, a_st)[None, :]), mask=mask, other=0.0)
         b = tl.load(b_ptr + (b_k[:, None] + reduced_offset(r0, r1, r2, b_st)[None, :]), mask=mask, other=0.0)
@@ -170,7 +268,10 @@ def _gaussian_nll_bwd_kernel(
             db = -(g * r) * inv_sigma  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
             ds = g * (1.0 - r * r)
         elif OP == OP_VAR:
-            q = div(d, var, F64)
+            if FAST:
+                q = d * inv_var  # d / v within 1.5 ulp
+            else:
+                q = div(d, var, F64)
             db = -(g * q)  # d/dtarget = -(input - target) / v
             ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
         else:
@@ -198,6 +299,29 @@ def _zero_reduction(shape: tuple[int, ...], reduction: str, dtype: torch.dtype, 
     return torch.zeros((), dtype=dtype, device=device)
 
 
+def _forward_plan(a, b, small, shape, reduction, want_out):
+    """``(plan, v_full)``: a σ / variance of the full shape is read as a third full operand (``V_FULL``).
+
+    As a kept operand every element would be its own kept index: one tile per program, the program's
+    setup and final sum paid per 8 elements. Read in the tile loop like ``a``, a program walks many
+    tiles. The fake forward calls this too, so its output strides follow the same plan.
+    """
+    v_full = small is not None and tuple(small.shape) == tuple(shape)
+    full = {"a": a, "b": b, "s": small} if v_full else {"a": a, "b": b}
+    plan = _common.broadcast_plan(shape, full, None if v_full else small, out_like=a, want_out=want_out,
+                                  pin_batch=reduction == "per_sample")
+    return plan, v_full
+
+
+def _fast(op: int, a: torch.Tensor, cdtype: torch.dtype, eps: float) -> bool:
+    """The FAST constexpr: float32 on a CUDA tensor, and (``OP_VAR``) a clamp that keeps ``v`` normal."""
+    return fastmath.is_fast(a) and cdtype == torch.float32 and (op != OP_VAR or eps >= _FLT_MIN)
+
+
+def _flat(layout) -> bool:
+    return layout.rsize[0] == 1 and layout.rsize[1] == 1
+
+
 def _forward(
     op: int,
     a: torch.Tensor,
@@ -222,8 +346,7 @@ def _forward(
         return _zero_reduction(shape, reduction, cdtype, device)
     if reduction == "per_sample" and len(shape) == 0:
         raise ValueError("reduction 'per_sample' needs a batch dimension")
-    plan = _common.broadcast_plan(shape, {"a": a, "b": b}, small, out_like=a, want_out=reduction == "none",
-                 pin_batch=reduction == "per_sample")
+    plan, v_full = _forward_plan(a, b, small, shape, reduction, want_out=reduction == "none")
     layout = plan.layout
     grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=False)
     if reduction == "none":
@@ -232,16 +355,20 @@ def _forward(
     else:
         partial = _common.empty((grid.programs,), cdtype, device)
         out = partial  # unused
-    s_ptr = plan.small if plan.small is not None else plan.full["a"]  # unused for the SSE
+    if v_full:
+        s_ptr = plan.full["s"]
+    else:
+        s_ptr = plan.small if plan.small is not None else plan.full["a"]  # unused for the SSE
+    has_s = v_full or plan.small is not None
     _gaussian_nll_fwd_kernel[(grid.programs,)](
         plan.full["a"], plan.full["b"], s_ptr, out, partial,
         layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
         grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
-        *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if plan.small is not None else None)),
+        *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if has_s else None)),
         _common.layout_strides(layout, "o" if reduction == "none" else None),
         OP=op, MODE=ELEMENTWISE if reduction == "none" else SUM, FULL=bool(full), EPS=float(eps),
-        F64=cdtype == torch.float64, INT64=grid.int64, BLOCK_K=grid.block_k, BLOCK_R=grid.block_r,
-        num_warps=_NUM_WARPS,
+        F64=cdtype == torch.float64, INT64=grid.int64, FAST=_fast(op, a, cdtype, eps), V_FULL=v_full,
+        FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
     )
     if reduction == "none":
         return out
@@ -305,8 +432,8 @@ def _backward(
         *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if plan.small is not None else None, "g")),
         _common.layout_strides(layout, "o" if plan.out_strides is not None else None),
         OP=op, EPS=float(eps), G_SCALAR=g_scalar, STORE_DA=da is not None, STORE_DB=db is not None,
-        STORE_DS=need_s, F64=cdtype == torch.float64, INT64=grid.int64,
-        BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
+        STORE_DS=need_s, F64=cdtype == torch.float64, INT64=grid.int64, FAST=_fast(op, a, cdtype, eps),
+        FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
     )
     if da is not None and tuple(a.shape) != shape:
         da = da.sum_to_size(a.shape).to(a.dtype)
@@ -346,7 +473,7 @@ def _fake_forward(a, b, small, shape, reduction):
     out_dtype = result_dtype(a, b, small)
     if math.prod(shape) == 0:
         return a.new_empty(shape, dtype=out_dtype)
-    plan = _common.broadcast_plan(shape, {"a": a, "b": b}, small, out_like=a, want_out=True, pin_batch=False)
+    plan, _ = _forward_plan(a, b, small, shape, reduction, want_out=True)
     return a.new_empty_strided(shape, plan.out_strides, dtype=out_dtype)
 
 
