@@ -483,3 +483,94 @@ def test_gaussian_nll_loss_dtypes(dtype, gen):
         return fv.gaussian_nll_loss(input, target, var, reduction="none")
 
     check(fn, {"input": input, "target": target, "var": var}, dtype, gen)
+
+
+@pytest.mark.parametrize("eps, full", [(1.5, False), (1e-6, True)])
+def test_gaussian_nll_loss_per_element_var_sum_masked_lanes(eps, full, gen):
+    """A per-element variance is read in the tile loop; masked lanes add nothing, with or without their select."""
+    input, target = randn(gen, (6, 37)).requires_grad_(), randn(gen, (6, 37)).requires_grad_()
+    var = (torch.rand((6, 37), generator=gen, dtype=F64).to(DEVICE) * 3 + 0.1).requires_grad_()
+
+    def fn(input, target, var):
+        return fv.gaussian_nll_loss(input, target, var, full=full, eps=eps, reduction="sum")
+
+    check(fn, {"input": input, "target": target, "var": var}, torch.float32, gen)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the inf lane
+def test_clamped_variance_log_within_1_1_ulp():
+    """The variance log without special cases (the FAST path's, here with a plain division): <= 1.1 ulp, log(1) = 0.
+
+    log(1) must be exactly 0: a masked lane (v = 1, d = 0) then adds exactly 0 to a sum without a select.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
+        tl.store(y_ptr + offs, kgnll._log_clamped_f32(x, False), mask=offs < n)
+
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([2.0**-126, 1.0, 2.0, 0.5, 1.4142135, 1.4142137, 0.70710677, 0.7071068, 3.4028235e38,
+                            1.0 - 2**-24, 1.0 + 2**-23, 1e-6, math.inf], dtype=F64)
+    x = torch.cat([torch.rand(16000, generator=g, dtype=F64).add(1.0) * torch.exp2(  # every binade
+                       torch.randint(-126, 128, (16000,), generator=g).double()),
+                   1 + (torch.rand(4000, generator=g, dtype=F64) - 0.5) * 2.0**-6,  # near 1
+                   special]).float().to(DEVICE)
+    y = torch.empty_like(x)
+    kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    want = torch.log(x.double())
+    finite = torch.isfinite(want) & (want != 0)
+    ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(want[finite].abs())))
+    err = ((y[finite].double() - want[finite]) / ulp).abs()
+    assert err.max().item() <= 1.1, err.max().item()
+    assert y[x == 1.0].eq(0.0).all() and y[x == math.inf].eq(math.inf).all()
+
+
+_FAST_COMPILE = r"""
+import json, torch
+from bench.static.capture import cuda_like, intercept
+from fusedvae.kernels import gaussian_nll_var
+out = {}
+with intercept(90, compile=True) as rec:
+    for name, var_shape, eps in (("per-element", (64, 3, 32, 32), 1e-6), ("per-channel", (1, 3, 1, 1), 1e-6),
+                                 ("eps0", (64, 3, 32, 32), 0.0)):
+        x, t = cuda_like(torch.empty(64, 3, 32, 32, requires_grad=True)), cuda_like(torch.empty(64, 3, 32, 32))
+        var = cuda_like(torch.empty(var_shape, requires_grad=True))
+        rec.launches = []
+        loss = gaussian_nll_var(x, t, var, full=False, eps=eps, reduction="sum")
+        torch.autograd.graph._engine_run_backward((loss,), (torch.ones(()),), False, False, (x, var), True, False)
+        out[name] = [(l.key, l.compiled.asm["ptx"]) for l in rec.launches]
+print(json.dumps(out))
+"""
+
+
+def test_fast_path_compiles_to_hardware_approximations():
+    """On a CUDA float32 launch (compiled for sm_90 with a stub driver) the variance form divides by rcp.approx.
+
+    No IEEE division (``div.rn``, its slow path) and no approximate-division sequence (``div.full``) is left
+    in the forward or backward kernel; a per-element variance is read in the tile loop (``V_FULL``). With
+    ``eps = 0`` a variance may be 0 or subnormal, where ``rcp.approx.ftz`` flushes: the exact path stays.
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _FAST_COMPILE], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launches = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("per-element", "per-channel"):
+        assert len(launches[name]) == 2, [k for k, _ in launches[name]]  # forward and backward
+        for key, ptx in launches[name]:
+            assert "('FAST', True)" in key, key
+            assert "rcp.approx.ftz.f32" in ptx, key
+            assert "div.rn.f32" not in ptx and "div.full.f32" not in ptx and "lg2.approx" not in ptx, key
+    forward_key = launches["per-element"][0][0]
+    assert "_gaussian_nll_fwd_kernel" in forward_key and "('V_FULL', True)" in forward_key, forward_key
+    for key, ptx in launches["eps0"]:
+        assert "('FAST', False)" in key and "div.rn.f32" in ptx, key

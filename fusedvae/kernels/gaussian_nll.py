@@ -72,20 +72,23 @@ _INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def _log_clamped_fast(v):
-    """``log(v)`` for float32 ``v >= 2^-126`` (a variance clamped by ``eps``), ``+inf`` included; <= ~1 ulp.
+def _log_clamped_f32(v, FAST: tl.constexpr):
+    """``log(v)`` for float32 ``v >= 2^-126`` (a variance clamped by ``eps``), ``+inf`` included; <= 1 ulp.
 
     fdlibm's form without its special cases: ``v = 2^k m``, ``m`` in [sqrt(1/2), sqrt(2)) found by one
     integer subtraction (no compare, no select), ``f = m - 1`` exact, ``log(1 + f) = f + (s (h + R) - h)``
     with ``h = f^2/2``, ``s = f/(2 + f)``, ``R`` :func:`._common.log_positive_f32`'s series. ``s`` only feeds
-    the correction, so ``rcp.approx`` (1 ulp) costs < 0.15 ulp of the result; ``k ln 2`` is one FFMA
-    (float32 ln 2 is off by 0.03 ulp). A NaN ``v`` gives a finite value here: the callers' ``d^2 / v``
-    carries the NaN.
+    the correction, so ``FAST``'s ``rcp.approx`` (1 ulp) costs < 0.15 ulp of the result; ``k ln 2`` is one
+    FFMA (float32 ln 2 is off by 0.03 ulp). A NaN ``v`` gives a finite value here: the callers' ``d^2 / v``
+    carries the NaN. The interpreter runs the same code with a plain division (tests check it there).
     """
     ix = v.to(tl.int32, bitcast=True) - 0x3F3504F3
     k = ix >> 23
     f = ((ix & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
-    s = f * fastmath.rcp_approx(2.0 + f)
+    if FAST:
+        s = f * fastmath.rcp_approx(2.0 + f)
+    else:
+        s = f / (2.0 + f)
     z = s * s
     p = z * 0.2222222222222222 + 0.2857142857142857
     p = p * z + 0.4
@@ -97,10 +100,12 @@ def _log_clamped_fast(v):
 
 
 @triton.jit
-def _log_var(v, F64: tl.constexpr, FAST: tl.constexpr):
-    """``log`` of a clamped variance: the FAST form (``v >= 2^-126`` guaranteed by the launcher) or the exact one."""
-    if FAST:
-        y = _log_clamped_fast(v)
+def _log_var(v, EPS: tl.constexpr, F64: tl.constexpr, FAST: tl.constexpr):
+    """``log`` of a variance clamped to ``EPS``: without special cases when the clamp keeps it normal."""
+    if F64:
+        y = tl.log(v)
+    elif EPS >= 1.1754943508222875e-38:  # FAST implies it (the launcher's condition)
+        y = _log_clamped_f32(v, FAST)
     else:
         y = log(v, F64)
     return y
@@ -160,7 +165,7 @@ def _gaussian_nll_fwd_kernel(
             v = upcast(tl.load(s_ptr + s_k, mask=kmask, other=1.0), F64)
             v = tl.where(v < EPS, EPS, v)  # max(var, eps); a NaN variance stays NaN, as with torch.clamp
             var = v[:, None]
-            log_var = _log_var(v, F64, FAST)[:, None]
+            log_var = _log_var(v, EPS, F64, FAST)[:, None]
             if FAST:
                 inv_var = fastmath.rcp_approx(v)[:, None]
     acc = upcast(tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32), F64)
@@ -186,9 +191,9 @@ def _gaussian_nll_fwd_kernel(
                 v = upcast(tl.load(s_ptr + s_off, mask=mask, other=1.0), F64)
                 v = tl.where(v < EPS, EPS, v)
                 if FAST:  # d^2 / v within 1.5 ulp (rcp.approx 1 ulp, one rounding); v = inf gives 0
-                    val = _log_var(v, F64, FAST) + (d * d) * fastmath.rcp_approx(v)
+                    val = _log_var(v, EPS, F64, FAST) + (d * d) * fastmath.rcp_approx(v)
                 else:
-                    val = _log_var(v, F64, FAST) + div(d * d, v, F64)
+                    val = _log_var(v, EPS, F64, FAST) + div(d * d, v, F64)
             elif FAST:
                 val = log_var + (d * d) * inv_var
             else:
