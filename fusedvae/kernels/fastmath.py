@@ -34,19 +34,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..backend import triton_interpreter_enabled
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-#: ln 2 in two parts for Cody-Waite: LN2_HI has 16 significant bits, so ``n * LN2_HI`` is exact for |n| < 2^8.
-LN2_HI = tl.constexpr(0.693145751953125)
-LN2_LO = tl.constexpr(1.4286068203094173e-06)
+#: log2(e) in two parts: LOG2E_HI the float32 nearest, LOG2E_LO the rest (|x| LOG2E_LO < 2e-6 where it matters).
+LOG2E_HI = tl.constexpr(1.4426950216293335)
+LOG2E_LO = tl.constexpr(1.9259629891e-08)
 #: 1.5 x 2^23: adding it rounds a float32 of magnitude < 2^22 to an integer held in the low mantissa bits.
 ROUNDER = tl.constexpr(12582912.0)
 ROUNDER_BITS = tl.constexpr(0x4B400000)
 
 
 def is_fast(t) -> bool:
-    """The launchers' choice of the ``FAST`` constexpr: the hardware approximations exactly on CUDA tensors."""
-    return t.device.type == "cuda"
+    """The launchers' choice of the ``FAST`` constexpr: True on CUDA tensors compiled (not interpreted)."""
+    return t.device.type == "cuda" and not triton_interpreter_enabled()
 
 
 @triton.jit
@@ -98,23 +100,27 @@ def cos_approx(x):
 
 
 @triton.jit
-def exp_accurate_f32(x):
-    """``exp(x)`` in float32 within ~2 ulp for every ``x`` (11 SASS instructions, one ``MUFU.EX2``).
+def exp_accurate_f32(x, SCALE: tl.constexpr = 1.0):
+    """``exp(SCALE x)`` in float32 within ~4 ulp for every ``x`` (10 SASS instructions, one ``MUFU.EX2``).
 
-    Cody-Waite: ``n = round(x log2 e)`` (the 1.5 x 2^23 trick: one FFMA, no FRND, no F2I), ``f = x - n
-    ln2_hi - n ln2_lo`` (exact, ``|f| <= ln2 / 2``); then ``2^(f log2 e + 1)`` by ``ex2.approx`` (its
-    input in [0.5, 1.5], so rounding it costs < 2^-24 relative, unlike ``ex2.approx(x log2 e)``) times
-    ``2^(n - 1)``, whose bits are ``n``'s shifted into the exponent field (one LEA). The shift by one
-    lets ``n`` reach 128: ``exp`` overflows to inf (``x`` is clamped to 89 first, NaN-propagating);
-    below ``x = -86.9`` (``exp(x)`` < 1.8e-38, where ``2^(n - 1)`` would leave the normal range) the
-    result is 0, a flush to zero as ``.ftz`` does. NaN stays NaN.
+    ``SCALE`` is a power of two (``0.5``: a standard deviation from a log-variance), folded into the
+    constants. Cody-Waite in base 2: ``n = round(y)``, ``y = SCALE x log2 e``, by the 1.5 x 2^23 trick (one
+    FFMA, no FRND, no F2I); then ``g = y - (n - 1)`` from ``log2 e`` in two parts (two FFMAs: the first
+    product is exact inside the FFMA and the difference rounds once, in [0.5, 1.5]), so ``ex2.approx(g)``
+    sees an input rounded by < 2^-24 absolute, unlike ``ex2.approx(x log2 e)``, whose input rounds by
+    ``|x| x 6e-8``; times ``2^(n - 1)``, whose bits are ``n``'s shifted into the exponent field (one LEA).
+    The offset by one lets ``n`` reach 128, so ``exp`` overflows to inf (``SCALE x`` is clamped to 89
+    first, NaN-propagating); below ``SCALE x = -86.9`` (``exp`` < 1.8e-38, where ``2^(n - 1)`` would leave
+    the normal range) the result is 0, a flush to zero as ``.ftz`` does. NaN stays NaN. Error: <= 2.4 ulp
+    from the reduction and the roundings (simulated in float64 over [-87, 89] with an exact ``ex2``), plus
+    ``ex2.approx``'s own (2^-22 relative, 2 ulp), whatever ``|x|``.
     """
-    x = tl.where(x > 89.0, 89.0, x.to(tl.float32))  # a comparison, not min(): a NaN falls through
-    t = x * LOG2E + ROUNDER  # one FFMA: round(x log2 e) lands in t's low mantissa bits (|n| < 2^22)
-    n = t - ROUNDER
-    f = x - n * LN2_HI
-    f = f - n * LN2_LO
-    p = ex2_approx(f * LOG2E + 1.0)
+    x = x.to(tl.float32)
+    x = tl.where(x > 89.0 / SCALE, 89.0 / SCALE, x)  # a comparison, not min(): a NaN falls through
+    # tl.fma, not x * c + d: the product must stay exact inside each FMA (a shared rounded x * c would not be)
+    t = tl.fma(x, SCALE * LOG2E_HI, ROUNDER)  # round(y) lands in t's low mantissa bits (|y| < 2^22)
+    g = tl.fma(x, SCALE * LOG2E_HI, (ROUNDER + 1.0) - t)  # y - (n - 1)
+    g = tl.fma(x, SCALE * LOG2E_LO, g)
     # t's bits are ROUNDER_BITS + n, and ROUNDER_BITS << 23 wraps to 0 in 32 bits: (bits << 23) is n << 23.
     scale = ((t.to(tl.int32, bitcast=True) << 23) + (126 << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x < -86.9, 0.0, p * scale)
+    return tl.where(x < -86.9 / SCALE, 0.0, ex2_approx(g) * scale)

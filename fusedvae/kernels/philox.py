@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fastmath
+
 # Philox4x32 multipliers and Weyl key increments (Salmon et al. 2011), as in the reference.
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -36,6 +38,10 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)
 PHILOX_ROUNDS = tl.constexpr(10)
 TWO_PI = tl.constexpr(6.283185307179586)
 TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, exact in every float dtype
+TWO_PI_POW_MINUS_24 = tl.constexpr(3.745070282923285e-07)  # 2 pi 2^-24: one turn over the 24-bit u2
+MINUS_TWO_LN2 = tl.constexpr(-1.3862943611198906)
+#: Below this ``w = 1 - u1`` the FAST path's -2 log u1 is a series: lg2.approx's error is absolute near 1.
+SERIES_BELOW = tl.constexpr(0.015625)
 
 
 @triton.jit
@@ -46,30 +52,54 @@ def _mulhilo32(a, multiplier: tl.constexpr):
 
 
 @triton.jit
-def philox4x32_10(c0, c1, c2, c3, k0, k1):
+def _mulhilo32_ptx(a, multiplier: tl.constexpr):
+    """:func:`_mulhilo32` as PTX ``mul.hi``/``mul.lo`` (one ``IMAD.WIDE.U32``), opaque to LLVM.
+
+    Written in Triton, LLVM folds the round's uint32 XORs into 64-bit ones; the multiply's operand is
+    then no longer a zero-extended 32-bit word, and ptxas emits a 64-bit multiply: an ``IADD3`` of a zero
+    high word per round (~1 instruction per normal). The PTX keeps the operand 32-bit. GPU only.
+    """
+    if multiplier == PHILOX_M0:
+        hi, lo = tl.inline_asm_elementwise("mul.hi.u32 $0, $2, 0xD2511F53; mul.lo.u32 $1, $2, 0xD2511F53;",
+                                           "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+    else:
+        tl.static_assert(multiplier == PHILOX_M1)
+        hi, lo = tl.inline_asm_elementwise("mul.hi.u32 $0, $2, 0xCD9E8D57; mul.lo.u32 $1, $2, 0xCD9E8D57;",
+                                           "=r,=r,r", [a], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+    return hi, lo
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1, FAST: tl.constexpr):
     """Ten Philox4x32 rounds on uint32 blocks ``c0..c3`` with the key ``(k0, k1)`` (int64 scalars < 2^32).
 
     Every wrapping sum and product is taken in 64 bits and truncated, so nothing overflows a 32-bit
     integer (Triton's overflow sanitizer, on under ``TRITON_DEBUG``, would flag a wrapping uint32 op).
+    The round keys are scalars (uniform registers, once per program). ``FAST`` (a GPU): the products
+    by :func:`_mulhilo32_ptx`, the same words.
     """
     for round_index in tl.static_range(PHILOX_ROUNDS):
         round_k0 = ((k0 + round_index * PHILOX_W0) & 0xFFFFFFFF).to(tl.uint32)
         round_k1 = ((k1 + round_index * PHILOX_W1) & 0xFFFFFFFF).to(tl.uint32)
-        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
-        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        if FAST:
+            hi0, lo0 = _mulhilo32_ptx(c0, PHILOX_M0)
+            hi1, lo1 = _mulhilo32_ptx(c2, PHILOX_M1)
+        else:
+            hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+            hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
         c0, c1, c2, c3 = hi1 ^ c1 ^ round_k0, lo1, hi0 ^ c3 ^ round_k1, lo0
     return c0, c1, c2, c3
 
 
 @triton.jit
-def philox_counter_words(seed, counter):
+def philox_counter_words(seed, counter, FAST: tl.constexpr):
     """The four uint32 output words for int64 ``counter`` (a block) under the int64 scalar ``seed``."""
     seed = seed.to(tl.int64)
     counter = counter.to(tl.int64)  # a no-op on the kernels' int64 counters; small interpreter scalars are int32
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
     zero = c0 ^ c0
-    return philox4x32_10(c0, c1, zero, zero, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    return philox4x32_10(c0, c1, zero, zero, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, FAST)
 
 
 @triton.jit
@@ -103,64 +133,119 @@ def _cos_sin_turns(u):
 
 
 @triton.jit
-def _box_muller(ra, rb, DTYPE: tl.constexpr):
-    """The pair ``sqrt(-2 log u1) * (cos, sin)(2 pi u2)`` of the words ``ra``, ``rb``."""
-    u1 = ((ra >> 8) + 1).to(DTYPE) * TWO_POW_MINUS_24
-    u2 = (rb >> 8).to(DTYPE) * TWO_POW_MINUS_24
-    # tl.log stays: on sm_90 libdevice's logf measured 3.5 instructions per element cheaper here than
-    # _common.log_positive_f32 (bench static, see bench/NOTES.md).
-    radius = tl.sqrt(-2.0 * tl.log(u1))
-    if DTYPE == tl.float64:  # float64 keeps the general routines (its polynomials would need twice the terms)
-        angle = u2 * TWO_PI
-        cos_u, sin_u = tl.cos(angle), tl.sin(angle)
-    else:
-        cos_u, sin_u = _cos_sin_turns(u2)
-    return radius * cos_u, radius * sin_u
+def _box_muller_fast(ra, rb):
+    """:func:`_box_muller` in float32 by the GPU's approximations (:mod:`.fastmath`): ~20 instructions a pair.
+
+    ``-2 log u1`` by ``lg2.approx`` (absolute error 2^-22 near 1, relative elsewhere), except for
+    ``w = 1 - u1 < 1/64`` (exact: u1 is a multiple of 2^-24), where that absolute error would be large
+    against the small radius: there the series ``2w + w^2 + 2/3 w^3`` (truncation < 1e-6 relative).
+    The angle: the word's top 24 bits read as a signed integer ``k`` (one arithmetic shift) give
+    ``2 pi k 2^-24``, in [-pi, pi) where ``sin/cos.approx`` are accurate (2^-20.9 absolute), and equal
+    to ``2 pi u2`` modulo ``2 pi``. Error against the exact pair: ``|d eps| <= 1e-6 (1 + radius)``
+    (radius <= 5.77: <= 7e-6; ~2e-6 at the typical radius 1.25), from lg2 (<= 9.3e-7 through the
+    square root at ``w = 1/64``), sin/cos (5.2e-7 x radius) and the angle's rounding (2.1e-7 x radius).
+    """
+    u1 = ((ra >> 8) + 1).to(tl.float32) * TWO_POW_MINUS_24
+    w = 1.0 - u1
+    series = ((w * 0.6666666666666666 + 1.0) * w + 2.0) * w
+    radius = fastmath.sqrt_approx(tl.where(w < SERIES_BELOW, series, fastmath.log2_approx(u1) * MINUS_TWO_LN2))
+    angle = (rb.to(tl.int32, bitcast=True) >> 8).to(tl.float32) * TWO_PI_POW_MINUS_24
+    return radius * fastmath.cos_approx(angle), radius * fastmath.sin_approx(angle)
 
 
 @triton.jit
-def philox_normal_at(seed, index, DTYPE: tl.constexpr):
+def _box_muller(ra, rb, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """The pair ``sqrt(-2 log u1) * (cos, sin)(2 pi u2)`` of the words ``ra``, ``rb``.
+
+    ``FAST`` (a GPU, float32): :func:`_box_muller_fast`; otherwise a few ulps of the reference.
+    """
+    if FAST and DTYPE == tl.float32:
+        n0, n1 = _box_muller_fast(ra, rb)
+    else:
+        u1 = ((ra >> 8) + 1).to(DTYPE) * TWO_POW_MINUS_24
+        u2 = (rb >> 8).to(DTYPE) * TWO_POW_MINUS_24
+        # tl.log stays: on sm_90 libdevice's logf measured 3.5 instructions per element cheaper here than
+        # _common.log_positive_f32 (bench static, see bench/NOTES.md).
+        radius = tl.sqrt(-2.0 * tl.log(u1))
+        if DTYPE == tl.float64:  # float64 keeps the general routines (its polynomials would need twice the terms)
+            angle = u2 * TWO_PI
+            cos_u, sin_u = tl.cos(angle), tl.sin(angle)
+        else:
+            cos_u, sin_u = _cos_sin_turns(u2)
+        n0, n1 = radius * cos_u, radius * sin_u
+    return n0, n1
+
+
+@triton.jit
+def philox_normal_at(seed, index, DTYPE: tl.constexpr, FAST: tl.constexpr):
     """The standard normal of each int64 logical ``index`` (any shape), in ``DTYPE``: one Philox call per element."""
-    r0, r1, r2, r3 = philox_counter_words(seed, index >> 2)
+    r0, r1, r2, r3 = philox_counter_words(seed, index >> 2, FAST)
     lane = index & 3
     high = lane >= 2
-    cos_half, sin_half = _box_muller(tl.where(high, r2, r0), tl.where(high, r3, r1), DTYPE)
+    cos_half, sin_half = _box_muller(tl.where(high, r2, r0), tl.where(high, r3, r1), DTYPE, FAST)
     return tl.where((lane & 1) == 1, sin_half, cos_half)
 
 
 @triton.jit
-def philox_normal_tile(seed, blocks, DTYPE: tl.constexpr):
+def philox_normal_tile(seed, blocks, DTYPE: tl.constexpr, FAST: tl.constexpr):
     """The normals of the 2-D int64 Philox ``blocks`` ``(R, G)``, interleaved to ``(R, 4 G)``: one call per four.
 
     Column ``4 g + l`` holds normal ``l`` of block ``blocks[:, g]``, so for blocks ``(j0 + 4 g) / 4``
     the result is the noise of logical indices ``j0 .. j0 + 4 G - 1`` in order.
     """
-    r0, r1, r2, r3 = philox_counter_words(seed, blocks)
-    n0, n1 = _box_muller(r0, r1, DTYPE)
-    n2, n3 = _box_muller(r2, r3, DTYPE)
+    n0, n1, n2, n3 = _block_normals(seed, blocks, DTYPE, FAST)
     # join(join(n0, n2), join(n1, n3))[..., p, q] is normal 2 p + q: row-major (G, 2, 2) -> 4 G in order.
     normals = tl.join(tl.join(n0, n2), tl.join(n1, n3))
     return tl.reshape(normals, [blocks.shape[0], blocks.shape[1] * 4])
 
 
 @triton.jit
-def philox_normal_rows(seed, first, BLOCK_N: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, DTYPE: tl.constexpr):
+def philox_normal_tile_pairs(seed, blocks, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """:func:`philox_normal_tile` of the blocks ``blocks[:, g]`` and ``blocks[:, g] + 1``, to ``(R, 8 G)``.
+
+    The same numbers, laid out eight consecutive normals to a thread: the layout of a 128-bit load of
+    16-bit elements, so the noise meets ``mu`` without a trip through shared memory (four to a thread,
+    :func:`philox_normal_tile`'s, cost ~3 instructions per element to convert in bfloat16).
+    """
+    a0, a1, a2, a3 = _block_normals(seed, blocks, DTYPE, FAST)
+    b0, b1, b2, b3 = _block_normals(seed, blocks + 1, DTYPE, FAST)
+    # [..., p, q, s] is normal 4 p + 2 q + s of the pair (a: p = 0, b: p = 1): row-major (G, 2, 2, 2) -> 8 G.
+    normals = tl.join(tl.join(tl.join(a0, b0), tl.join(a2, b2)), tl.join(tl.join(a1, b1), tl.join(a3, b3)))
+    return tl.reshape(normals, [blocks.shape[0], blocks.shape[1] * 8])
+
+
+@triton.jit
+def _block_normals(seed, blocks, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    r0, r1, r2, r3 = philox_counter_words(seed, blocks, FAST)
+    n0, n1 = _box_muller(r0, r1, DTYPE, FAST)
+    n2, n3 = _box_muller(r2, r3, DTYPE, FAST)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def philox_normal_rows(seed, first, BLOCK_N: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, DTYPE: tl.constexpr,
+                       FAST: tl.constexpr, PAIRS: tl.constexpr = False):
     """``(R, BLOCK_N)`` normals: row ``r`` holds logical indices ``first[r] ..`` ``first[r] + BLOCK_N - 1`` (int64).
 
     ``WHOLE_BLOCKS`` (every ``first`` a multiple of 4, ``BLOCK_N`` too) draws each Philox block once.
+    ``FAST``: the GPU's approximations (:func:`_box_muller_fast`); launchers pass :func:`.fastmath.is_fast`.
+    ``PAIRS``: eight normals to a thread (:func:`philox_normal_tile_pairs`: 16-bit tensors), the same numbers.
     """
-    if WHOLE_BLOCKS:
-        eps = philox_normal_tile(seed, (first >> 2)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :], DTYPE)
+    if WHOLE_BLOCKS and PAIRS and BLOCK_N % 8 == 0:
+        eps = philox_normal_tile_pairs(seed, (first >> 2)[:, None] + 2 * tl.arange(0, BLOCK_N // 8)[None, :], DTYPE,
+                                       FAST)
+    elif WHOLE_BLOCKS:
+        eps = philox_normal_tile(seed, (first >> 2)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :], DTYPE, FAST)
     else:
-        eps = philox_normal_at(seed, first[:, None] + tl.arange(0, BLOCK_N)[None, :], DTYPE)
+        eps = philox_normal_at(seed, first[:, None] + tl.arange(0, BLOCK_N)[None, :], DTYPE, FAST)
     return eps
 
 
 @triton.jit
-def _philox_words_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, BLOCK: tl.constexpr):
+def _philox_words_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, FAST: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < numel
-    r0, r1, r2, r3 = philox_counter_words(seed, offset + index)
+    r0, r1, r2, r3 = philox_counter_words(seed, offset + index, FAST)
     tl.store(out_ptr + index, r0.to(tl.int64), mask=mask)
     tl.store(out_ptr + numel + index, r1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 2 * numel + index, r2.to(tl.int64), mask=mask)
@@ -168,13 +253,14 @@ def _philox_words_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, BLOCK
 
 
 @triton.jit
-def _philox_normal_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _philox_normal_kernel(out_ptr, seed: tl.int64, offset: tl.int64, numel, TILE: tl.constexpr, FAST: tl.constexpr,
+                          BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     if TILE:  # offset % 4 == 0: whole blocks, one Philox call per four normals
         blocks = ((offset >> 2) + tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4))[None, :]
-        eps = tl.reshape(philox_normal_tile(seed, blocks, out_ptr.dtype.element_ty), [BLOCK])
+        eps = tl.reshape(philox_normal_tile(seed, blocks, out_ptr.dtype.element_ty, FAST), [BLOCK])
     else:
-        eps = philox_normal_at(seed, offset + index, out_ptr.dtype.element_ty)
+        eps = philox_normal_at(seed, offset + index, out_ptr.dtype.element_ty, FAST)
     tl.store(out_ptr + index, eps, mask=index < numel)
 
 
@@ -192,7 +278,8 @@ def philox_words(seed: int, offset: int, numel: int, *, device: torch.device | s
     """
     out = torch.empty(4, numel, dtype=torch.int64, device=device)
     if numel:
-        _philox_words_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, BLOCK=_BLOCK)
+        _philox_words_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, FAST=fastmath.is_fast(out),
+                                                            BLOCK=_BLOCK)
     return out
 
 
@@ -212,5 +299,5 @@ def philox_normal(
     out = torch.empty(numel, dtype=dtype, device=device)
     if numel:
         _philox_normal_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, TILE=offset % 4 == 0,
-                                                            BLOCK=_BLOCK)
+                                                            FAST=fastmath.is_fast(out), BLOCK=_BLOCK)
     return out

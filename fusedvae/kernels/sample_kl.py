@@ -33,8 +33,9 @@ import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
 from ..seeding import check_key, key_from_ints
-from . import _common, _custom_op
+from . import _common, _custom_op, fastmath
 from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM, column_offsets, emit_finish, emit_step
+from ._common import exp_accurate as _exp
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
 from .philox import philox_normal_rows
 
@@ -71,7 +72,7 @@ def _sample_kl_forward_kernel(
     SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
     mu_col = column_offsets(cols, dims, mu_st, INNER_RANK)
@@ -94,11 +95,12 @@ def _sample_kl_forward_kernel(
         lv = tl.load(lv_ptr + rows[:, None] * lv_st[0] + lv_col[None, :], mask=mask, other=0.0)
         if SAMPLE:
             mu_s = mu.to(SAMPLE_DTYPE)
-            sd = tl.exp(0.5 * lv.to(SAMPLE_DTYPE))
+            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
             first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)  # each row's first logical index: keys the noise
             z_off = out_off
             for _ in range(0, n_samples):
-                eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE)
+                eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
+                                         z_ptr.dtype.element_ty.primitive_bitwidth == 16)
                 tl.store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask=mask)
                 first += numel
                 z_off += numel
@@ -111,8 +113,8 @@ def _sample_kl_forward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, KL_DTYPE)
                 d = d - plv
-                maha = maha * tl.exp(-plv)
-            g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64)
+                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST)
+            g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST)
             acc = emit_step(0.5 * (g + maha), acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE)
     emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE)
 
@@ -127,7 +129,7 @@ def _sample_kl_backward_kernel(
     HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
     lv_col = column_offsets(cols, dims, lv_st, INNER_RANK)
@@ -156,13 +158,14 @@ def _sample_kl_backward_kernel(
         dlv = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
         if HAS_DZ:
             # dz/dmu = 1, dz/dlv = exp(lv/2) eps / 2, summed over the samples; eps regenerated.
-            sd = tl.exp(0.5 * lv.to(SAMPLE_DTYPE))
+            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
             dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :]
             dz_eps = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
             first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)
             for _ in range(0, n_samples):
                 dz = tl.load(dz_base, mask=mask, other=0.0).to(GRAD_DTYPE)
-                eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE)
+                eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
+                                         dz_ptr.dtype.element_ty.primitive_bitwidth == 16)
                 dmu += dz
                 dz_eps += dz * eps.to(GRAD_DTYPE)
                 first += numel
@@ -177,10 +180,10 @@ def _sample_kl_backward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, GRAD_DTYPE)
                 d = d - plv
-                weighted = diff * tl.exp(-plv)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
+                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
             else:
                 weighted = diff
-            _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64)  # dkl/dlv = (e^d - 1) / 2
+            _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)  # dkl/dlv = (e^d - 1) / 2
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if PMU_MODE != OFF:  # dkl/dmu_p = -dkl/dmu
@@ -235,7 +238,7 @@ def _samples_as_rows(mu, logvar, z, n_samples, key, aligned) -> bool:
         SAMPLE=True, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), KL_MODE=OFF, HAS_PMU=False, HAS_PLV=False,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)), INT64=_common.row_view_needs_int64(view, tiling),
-        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
+        FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
     )
     return True
 
@@ -279,7 +282,7 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, ali
         HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(kl_dtype), INT64=_common.row_view_needs_int64(view, tiling, n_samples),
-        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
+        FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
     )
     if kl_mode in (OFF, ELEMENTWISE):
         return z, kl_buffer
@@ -348,7 +351,7 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),
         GRAD_DTYPE=_common.tl_dtype(grad_dtype),
         INT64=_common.row_view_needs_int64(view, tiling, n_samples, grad_z.stride(0) if grad_z is not None else 0),
-        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
+        FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
         num_warps=tiling.num_warps,
     )
 
