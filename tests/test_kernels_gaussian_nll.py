@@ -574,3 +574,20 @@ def test_fast_path_compiles_to_hardware_approximations():
     assert "_gaussian_nll_fwd_kernel" in forward_key and "('V_FULL', True)" in forward_key, forward_key
     for key, ptx in launches["eps0"]:
         assert "('FAST', False)" in key and "div.rn.f32" in ptx, key
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "rank 7"])
+def test_per_element_operand_fakes_match_the_kernels(layout, gen):
+    """A per-element σ / variance changes the forward's plan (a full operand): the fakes follow the same plan."""
+    shape = (2, 3, 1, 2, 3, 2, 2) if layout == "rank 7" else (3, 4, 5)
+    x, m, s = (randn(gen, shape).float() for _ in range(3))
+    if layout == "transposed":
+        x, s = x.transpose(0, 2), s.transpose(0, 2)
+        m = m.transpose(0, 2).contiguous()
+    elif layout == "rank 7":
+        x = x.permute(6, 5, 4, 3, 2, 1, 0).contiguous().permute(6, 5, 4, 3, 2, 1, 0)
+    var = s.abs() + 0.1
+    for op, args in ((torch.ops.fusedvae.gaussian_nll_forward, (x, m, s, True, "none")),
+                     (torch.ops.fusedvae.gaussian_nll_var_forward, (x, m, var, False, 1e-6, "none")),
+                     (torch.ops.fusedvae.gaussian_nll_var_forward, (x, m, var, True, 1e-6, "sum"))):
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",))
