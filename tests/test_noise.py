@@ -144,3 +144,54 @@ def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypat
         assert torch.equal(a, b)
     want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=64, seed=77, offset=offset)
     torch.testing.assert_close(spread[0].double(), want, rtol=1e-5, atol=1e-5)
+
+
+# The FAST path (fusedvae.kernels.fastmath) is inline PTX: the interpreter cannot run it, so its code is checked
+# by compiling for sm_90 in a subprocess (Triton's real compiler, bench.static's stub driver), its numbers on a GPU.
+_COMPILE_BOTH_PATHS = r"""
+import json, sys, torch
+from bench.static.capture import cuda_like, intercept
+from fusedvae.kernels import fastmath, sample_kl
+
+def ptx(fast):
+    fastmath_is_fast, sample_kl.fastmath.is_fast = sample_kl.fastmath.is_fast, lambda t: fast
+    try:
+        with intercept(90, compile=True) as rec:
+            mu, lv, pmu, plv = (cuda_like(torch.zeros(64, 256, requires_grad=True)) for _ in range(4))
+            key = cuda_like(torch.tensor([5, 8]))
+            z, kl = sample_kl.rsample_kl(mu, lv, pmu, plv, n_samples=1, key=key, sample=True, kl=True,
+                                         reduction="sum")
+            torch.autograd.graph._engine_run_backward((z, kl), (torch.ones_like(z), torch.ones_like(kl)), False,
+                                                      False, (mu, lv, pmu, plv), True, False)
+    finally:
+        sample_kl.fastmath.is_fast = fastmath_is_fast
+    return {l.kernel.split(":")[-1]: l.compiled.asm["ptx"] for l in rec.launches}
+
+json.dump({"fast": ptx(True), "exact": ptx(False)}, sys.stdout)
+"""
+
+
+def test_fast_path_compiles_to_the_hardware_approximations():
+    """sm_90 PTX: FAST kernels use lg2/sqrt/sin/cos/ex2.approx and PTX mul.hi; the exact path none, and no ex2."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_BOTH_PATHS], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptx = json.loads(proc.stdout)
+    kernels = {"_sample_kl_forward_kernel", "_sample_kl_backward_kernel"}
+    assert set(ptx["fast"]) == set(ptx["exact"]) == kernels
+    for name in kernels:
+        fast, exact = ptx["fast"][name], ptx["exact"][name]
+        for op in ("lg2.approx.ftz.f32", "sin.approx.ftz.f32", "cos.approx.ftz.f32", "sqrt.approx.ftz.f32",
+                   "ex2.approx.ftz.f32", "mul.hi.u32"):
+            assert op in fast, (name, op)
+        # the exact path: no approximation of log, sin, cos; and no ex2.approx at all, so no float32 tl.exp
+        # (ex2.approx(x log2 e), relative error |x| x 6e-8: what broke the KL's finite-to-80 contract on a GPU)
+        for op in ("lg2.approx", "sin.approx", "cos.approx", "ex2.approx"):
+            assert op not in exact, (name, op)
