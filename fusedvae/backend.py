@@ -30,11 +30,20 @@ BACKENDS = ("auto", "triton", "native", "reference")
 _override = threading.local()
 
 
+_PARSED_ENV: dict[str, str] = {}  # FUSEDVAE_BACKEND's raw value -> its backend: parsed once per distinct value
+
+
 def _requested_backend() -> str:
-    name = getattr(_override, "name", None) or os.environ.get("FUSEDVAE_BACKEND", "auto")
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"FUSEDVAE_BACKEND must be one of {BACKENDS}, got {name!r}")
+    name = getattr(_override, "name", None)
+    if name is not None:
+        return name  # use_backend checked it
+    raw = os.environ.get("FUSEDVAE_BACKEND", "auto")
+    name = _PARSED_ENV.get(raw)
+    if name is None:
+        name = raw.strip().lower()
+        if name not in BACKENDS:
+            raise ValueError(f"FUSEDVAE_BACKEND must be one of {BACKENDS}, got {name!r}")
+        _PARSED_ENV[raw] = name
     return name
 
 
@@ -90,9 +99,9 @@ def backend_for(tensor: torch.Tensor) -> str:
     if requested in ("reference", "native"):
         return requested
     if requested == "auto":
-        if tensor.is_cuda and triton_available():
-            return "triton"
-        return "native" if tensor.device.type == "cpu" else "reference"
+        if tensor.is_cpu:
+            return "native"
+        return "triton" if tensor.is_cuda and _TRITON_FOUND else "reference"
     if not triton_available():
         raise RuntimeError("backend 'triton' was requested but the triton package is not installed")
     if not tensor.is_cuda and not triton_interpreter_enabled():

@@ -3,7 +3,10 @@
 Every op here checks its arguments first (so a bad call fails before any kernel launches), then
 runs the backend that :func:`fusedvae.backend_for` names on its first tensor. Backends compute
 ``"none"``, ``"sum"``, ``"per_sample"`` (and for the KL ``"per_dim"``); ``"mean"`` and
-``"batchmean"`` are those sums divided here, so both backends share one definition.
+``"batchmean"`` are those sums divided here, so both backends share one definition. The ``native``
+backend (CPU tensors) takes the divisor as a ``scale`` it multiplies in inside its op, and the
+sample without a sample dimension: on a CPU step's small tensors each extra autograd node costs
+more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -15,26 +18,34 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import native, reference
 from . import validation as check
 from .backend import backend_for
 from .precision import compute_dtype, result_dtype
 from .reductions import BACKEND_REDUCTION as _BACKEND_REDUCTION
 from .reductions import finish as _finish
+from .reductions import scale_of as _scale_of
 from .seeding import draw_key
 
 
 def _implementation(tensor: torch.Tensor) -> ModuleType:
     backend = backend_for(tensor)
+    if backend == "native":
+        return native
     if backend == "triton":
         from . import kernels  # imported on first use: importing fusedvae never imports triton
 
         return kernels
-    if backend == "native":
-        from . import native
-
-        return native
     return reference
+
+
+def _result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """:func:`~fusedvae.precision.result_dtype`, without its promotion walk when all dtypes agree."""
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if t is not None and t.dtype != dtype:
+            return result_dtype(*tensors)
+    return dtype
 
 
 def _noise_key(impl: ModuleType, generator: torch.Generator | None, device: torch.device) -> dict:
@@ -63,7 +74,10 @@ def _check_posterior(mu, logvar, prior_mu=None, prior_logvar=None):
     check.check_tensor("logvar", logvar)
     prior_mu = _as_optional_tensor("prior_mu", prior_mu, mu)
     prior_logvar = _as_optional_tensor("prior_logvar", prior_logvar, mu)
-    check.check_same_device({"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar})
+    device = mu.device
+    if (logvar.device != device or (prior_mu is not None and prior_mu.device != device)
+            or (prior_logvar is not None and prior_logvar.device != device)):
+        check.check_same_device({"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar})
     check.check_same_shape("logvar", logvar, "mu", mu)
     for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
         if prior is not None:
@@ -72,9 +86,14 @@ def _check_posterior(mu, logvar, prior_mu=None, prior_logvar=None):
 
 
 def _kl_from_backend(impl, mu, logvar, prior_mu, prior_logvar, *, reduction, free_bits, **sampling):
-    dtype = result_dtype(mu, logvar, prior_mu, prior_logvar)
+    dtype = _result_dtype(mu, logvar, prior_mu, prior_logvar)
     batch_size = mu.shape[0] if mu.dim() else 1
     backend_reduction = "per_dim" if free_bits > 0.0 else _BACKEND_REDUCTION[reduction]
+    if impl is native and backend_reduction == "sum":  # the division folded into the op
+        scale = _scale_of(reduction, batch_size=batch_size, numel=mu.numel())
+        z, kl = native.rsample_kl(mu, logvar, prior_mu, prior_logvar, kl=True, reduction="sum", scale=scale,
+                                  **sampling)
+        return z, (kl if kl.dtype == dtype else kl.to(dtype))
     z, kl = impl.rsample_kl(mu, logvar, prior_mu, prior_logvar, kl=True, reduction=backend_reduction, **sampling)
     if free_bits > 0.0:
         # Kingma et al. 2016: each latent element's batch-mean KL is held at >= free_bits; no gradient below it.
@@ -117,6 +136,9 @@ def rsample(
     count = check.check_n_samples(n_samples)
     check.check_generator(generator, mu.device)
     impl = _implementation(mu)
+    if impl is native:  # z without the sample dimension, drawn so (no indexing node)
+        return native.rsample_kl(mu, logvar, None, None, n_samples=n_samples, sample=True, kl=False,
+                                 reduction="none", generator=generator)[0]
     z, _ = impl.rsample_kl(
         mu, logvar, None, None, n_samples=count, sample=True, kl=False, reduction="none",
         **_noise_key(impl, generator, mu.device),
@@ -201,6 +223,9 @@ def rsample_kl(
     check.check_batched("mu", mu, reduction)
     free_bits = check.check_free_bits(free_bits, reduction)
     impl = _implementation(mu)
+    if impl is native:  # z without the sample dimension, drawn so (no indexing node)
+        return _kl_from_backend(impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
+                                n_samples=n_samples, sample=True, generator=generator)
     z, kl = _kl_from_backend(
         impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
         n_samples=count, sample=True, **_noise_key(impl, generator, mu.device),
@@ -211,7 +236,8 @@ def rsample_kl(
 def _check_data(x, mean, x_name="x", mean_name="mean"):
     check.check_tensor(x_name, x)
     check.check_tensor(mean_name, mean)
-    check.check_same_device({x_name: x, mean_name: mean})
+    if x.device != mean.device:
+        check.check_same_device({x_name: x, mean_name: mean})
     check.check_same_shape(mean_name, mean, x_name, x)
 
 
@@ -251,11 +277,19 @@ def gaussian_nll(
     log_sigma = _as_optional_tensor("log_sigma", log_sigma, x)
     if log_sigma is None:
         raise TypeError("log_sigma must be a tensor or a float, got None")
-    check.check_same_device({"x": x, "log_sigma": log_sigma})
+    if log_sigma.device != x.device:
+        check.check_same_device({"x": x, "log_sigma": log_sigma})
     check.check_broadcasts_to("log_sigma", log_sigma, "x", x)
-    nll = _implementation(x).gaussian_nll(x, mean, log_sigma, full=bool(full), reduction=_BACKEND_REDUCTION[reduction])
+    impl = _implementation(x)
+    backend_reduction = _BACKEND_REDUCTION[reduction]
     batch_size = x.shape[0] if x.dim() else 1
-    return _finish(nll, reduction, batch_size=batch_size, numel=x.numel(), dtype=result_dtype(x, mean, log_sigma))
+    dtype = _result_dtype(x, mean, log_sigma)
+    if impl is native and backend_reduction == "sum":  # the division folded into the op
+        scale = _scale_of(reduction, batch_size=batch_size, numel=x.numel())
+        nll = native.gaussian_nll(x, mean, log_sigma, full=bool(full), reduction="sum", scale=scale)
+        return nll if nll.dtype == dtype else nll.to(dtype)
+    nll = impl.gaussian_nll(x, mean, log_sigma, full=bool(full), reduction=backend_reduction)
+    return _finish(nll, reduction, batch_size=batch_size, numel=x.numel(), dtype=dtype)
 
 
 def _check_min_log_sigma(min_log_sigma: object) -> float | None:

@@ -11,14 +11,22 @@ saves less for backward than that code does. Where it differs from the reference
   stream that the Triton kernels and the reference share. On a CPU an int64 Philox costs ten
   times the rest of the op; the scaled noise ``eps * exp(lv/2)`` is kept for backward instead
   (one tensor the size of ``z``; the idiom keeps ``eps`` and ``std``).
-- **KL.** ``sum g(d)``, ``g(d) = exp(d) - 1 - d``, is ``sum(exp(d)) - n - sum(d)`` accumulated in
-  float64 from the float32 ``exp`` the op computes anyway (``std^2`` when sampling), whenever the
-  rounding of those float32 values (1 ulp each) is provably below 4e-6 of the result; otherwise,
+- **KL.** A ``"sum"`` of ``g(d) = exp(d) - 1 - d`` (plus the mean term) is first summed in float32
+  from the cheapest values at hand, and kept only when the rounding of those values is provably
+  below 4e-6 of the result (the contract is 1e-5): ``(e^d - 1) - d`` from torch's ``exp`` (the cost
+  of the textbook formula's ``exp``; its bound grows with the element count, so it holds while the
+  mean KL per element is above ~0.05), else ``expm1(d) - d`` (holds down to a mean ~0.002), else,
   near a collapsed posterior, ``expm1(d) - d`` in float64 (cancellation ~2^-52 * 2 / |d| relative,
-  2e-10 at |d| = 1e-6). Elementwise reductions always take the float64 path; float64 inputs the
-  reference's series. The gradient uses ``expm1(d)``, accurate where ``e^d - 1`` is not.
+  2e-10 at |d| = 1e-6). With a standard prior and a sample the float32 values come from the
+  ``expm1(lv/2)`` of the sample. Elementwise reductions always take the float64 path; float64 inputs
+  the reference's series. The gradient ``(e^d - 1) / 2`` is ``expm1(d) / 2`` on the ``expm1`` paths;
+  on the ``exp`` path it is ``exp(d) - 1`` (absolute error ~1e-7, as torch's own formula).
 - **Sums.** A ``"sum"`` reduction of a square is ``torch.dot`` (one pass, no temporary), and a
-  broadcast ``log_sigma``'s sum is ``log_sigma.sum()`` times its repeat count.
+  broadcast ``log_sigma``'s sum is ``log_sigma.sum()`` times its repeat count. ``scale`` (the
+  ``"mean"``/``"batchmean"`` divisor, folded in by :mod:`fusedvae.functional`) multiplies a
+  ``"sum"`` inside the op, in a scalar multiply it does anyway.
+- **Overhead.** Each op is one ``autograd.Function`` whose Python work is a few attribute reads: at
+  the small sizes of a CPU training step that work, not the arithmetic, sets the time.
 
 Example::
 
@@ -58,7 +66,19 @@ def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _F32_ULP = 2.0**-23  # torch's float32 exp/expm1 (SLEEF, 1.0 ulp): the relative error of each value
-_FAST_SUM_RTOL = 4e-6  # the fast sum of g is kept when its error bound is below this (the contract is 1e-5)
+_FAST_SUM_RTOL = 4e-6  # a fast sum of g is kept when its error bound is below this (the contract is 1e-5)
+
+
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """:func:`~fusedvae.precision.compute_dtype`, without its promotion walk when every tensor is float32."""
+    for t in tensors:
+        if t is not None and t.dtype != torch.float32:
+            return compute_dtype(*tensors)
+    return torch.float32
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _g_exact(d: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -72,71 +92,98 @@ def _g_exact(d: torch.Tensor, reduction: str) -> torch.Tensor:
     return g.sum() if reduction == "sum" else g
 
 
-def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float, *, scale: float = 1.0) -> bool:
-    """Whether ``scale * total`` = sum(g + m) (m >= 0), from float32 ``expm1`` values within ``ulps`` ulps each,
-    is within :data:`_FAST_SUM_RTOL`.
+def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float, *, scale: float = 1.0,
+                       from_exp: bool = False) -> bool:
+    """Whether ``scale * total`` = sum(g + m) (m >= 0), from float32 values within ``ulps`` ulps each, is within
+    :data:`_FAST_SUM_RTOL`.
 
-    The rounding of ``expm1(d)`` costs at most ``ulps * 2^-23 * sum|expm1(d)|``, and ``|expm1(d)| <= g + |d|`` with
-    ``|d| <= sqrt(3 g) + 3 g`` (``g(d) >= min(d^2, |d|) / 3``), so at most ``ulps * 2^-23 * (5 G + sqrt(3 n G))`` for
-    ``G = sum(g) <= total``. It fails near a collapsed posterior (mean g below ~0.003), where the float64 path runs.
+    From ``expm1(d)``: its rounding costs at most ``ulps * 2^-23 * sum|expm1(d)|``, and ``|expm1(d)| <= g + |d|``
+    with ``|d| <= sqrt(3 g) + 3 g`` (``g(d) >= min(d^2, |d|) / 3``), so at most ``ulps * 2^-23 * (5 G + sqrt(3 n G))``
+    for ``G = sum(g) <= total``. It fails near a collapsed posterior (mean g below ~0.003).
+
+    From ``exp(d) - 1`` (``from_exp``): exp's rounding is relative to ``e^d = 1 + d + g``, so it costs up to
+    ``2^-23 (n + sum|d| + G)``, an error that grows with the element count ``n``, not with the result; with the
+    half-ulp roundings of ``- 1``, ``- d``, ``+ m`` and of the sum (relative to ``g + |d| + m``) the whole is below
+    ``2^-23 (n + 14 T + 3 sqrt(3 n T))``, ``T`` the result: kept while the mean KL per element exceeds ~0.08.
     """
     if torch.compiler.is_compiling():
         return False
     value = scale * float(total)
     if not value > 0.0:
         return False
-    bound = ulps * _F32_ULP * (5.0 * value + math.sqrt(3.0 * numel * value))
+    if from_exp:
+        bound = _F32_ULP * (numel + 14.0 * value + 3.0 * math.sqrt(3.0 * numel * value))
+    else:
+        bound = ulps * _F32_ULP * (5.0 * value + math.sqrt(3.0 * numel * value))
     return bound <= _FAST_SUM_RTOL * value
+
+
+def _kl_sum(d: torch.Tensor, diff: torch.Tensor, weighted: torch.Tensor, half_expm1: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale * sum(0.5 (g(d) + weighted * diff))`` (0-dim, d's dtype) and the tensor backward takes ``e^d - 1`` from.
+
+    The cheapest float32 sum whose error bound holds (module docstring); ``half_expm1`` (``expm1(d/2)``, standard
+    prior with a sample) replaces ``exp(d)``, and is what backward gets then.
+    """
+    numel = d.numel()
+    if d.dtype != _F64:
+        if half_expm1 is not None:  # g/2 = (t - d/2) + t^2/2, t = expm1(d/2)
+            half = torch.sub(half_expm1, d, alpha=0.5).addcmul_(half_expm1, half_expm1, value=0.5)
+            total = half.addcmul_(weighted, diff, value=0.5).sum()
+            if _fast_sum_is_exact(total, numel, 2.0, scale=2.0):
+                return total.mul_(scale), half_expm1
+            saved = half_expm1
+        else:
+            saved = torch.exp(d).sub_(1.0)  # the textbook formula's exp; the "- 1" is exact for |d| < log 2
+            total = torch.sub(saved, d).addcmul_(weighted, diff).sum()
+            if _fast_sum_is_exact(total, numel, 1.0, from_exp=True):
+                return total.mul_(0.5 * scale), saved
+            saved = torch.expm1(d)
+            total = (saved - d).addcmul_(weighted, diff).sum()
+            if _fast_sum_is_exact(total, numel, 1.0):
+                return total.mul_(0.5 * scale), saved
+    else:
+        saved = half_expm1 if half_expm1 is not None else torch.expm1(d)
+    kl = (0.5 * scale) * (_g_exact(d, "sum") + _flat_dot(weighted, diff))
+    return kl.to(d.dtype), saved
 
 
 class _SampleKL(torch.autograd.Function):
     """``z = mu + eps * exp(lv/2)`` and/or the KL to a (standard or learned) diagonal Gaussian prior.
 
     Inputs are in the compute dtype; ``prior_mu``/``prior_logvar`` may be ``None`` or broadcast to
-    ``mu``; ``eps`` is the noise (``(K, *mu.shape)``) or ``None`` for the KL alone.
-    Saved for backward: the scaled noise (z's only); for the KL ``expm1(d)`` (or, with a standard prior and
+    ``mu``; ``eps`` is the noise (``(K, *mu.shape)`` or ``mu.shape``) or ``None`` for the KL alone; a ``"sum"``
+    is multiplied by ``scale``.
+    Saved for backward: the scaled noise (z's only); for the KL ``e^d - 1`` (or, with a standard prior and
     a sample, ``expm1(lv/2)``, from which ``expm1(lv) = t (t + 2)``), ``mu - mu_p`` and ``exp(-lv_p)``.
     """
 
     @staticmethod
-    def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, want_kl: bool, reduction: str):
-        ctx.want_kl, ctx.reduction, ctx.has_z = want_kl, reduction, eps is not None
-        ctx.prior_shapes = (None if prior_mu is None else prior_mu.shape,
-                            None if prior_logvar is None else prior_logvar.shape)
-        standard = prior_mu is None and prior_logvar is None
-        z = noise = kl = half_expm1 = None
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar, eps, want_kl: bool, reduction: str, scale: float):
+        z = noise = kl = expm1_half = saved = diff = weight = None
+        from_half = False
         if eps is not None:
             # std = expm1(lv/2) + 1 (the same in every call, so z is rsample's bit for bit): with a standard prior
             # the backward pass gets an accurate expm1(lv) = t (t + 2) from t = expm1(lv/2), no second exp
             expm1_half = torch.mul(logvar, 0.5).expm1_()
-            if standard and want_kl:
-                half_expm1 = expm1_half
             noise = eps.addcmul_(eps, expm1_half)  # eps * std = eps + eps * t, in place (eps is ours, fresh)
             z = noise + mu
-        diff = expm1_d = weight = None
         if want_kl:
             diff = mu if prior_mu is None else mu - prior_mu
             d = logvar if prior_logvar is None else logvar - prior_logvar
             weight = None if prior_logvar is None else torch.exp(-prior_logvar)
             weighted = diff if weight is None else diff * weight
-            if half_expm1 is None:
-                expm1_d = torch.expm1(d)
             if reduction == "sum":
-                # sum(g(d) + weighted * diff) from float32 values in one pass, checked by its error bound
-                if half_expm1 is not None:  # g/2 = (t - d/2) + t^2/2, t = expm1(d/2)
-                    half = torch.sub(half_expm1, d, alpha=0.5).addcmul_(half_expm1, half_expm1, value=0.5)
-                    half.addcmul_(weighted, diff, value=0.5)
-                    kl, ulps = half.sum(), 2.0
-                else:
-                    kl = (expm1_d - d).addcmul_(weighted, diff).sum().mul_(0.5)
-                    ulps = 1.0
-                if d.dtype == _F64 or not _fast_sum_is_exact(kl, d.numel(), ulps, scale=2.0):
-                    kl = (0.5 * (_g_exact(d, "sum") + _flat_dot(weighted, diff))).to(mu.dtype)
+                from_half = expm1_half is not None and prior_mu is None and prior_logvar is None
+                kl, saved = _kl_sum(d, diff, weighted, expm1_half if from_half else None, scale)
             else:
-                kl = 0.5 * (_g_exact(d, "none") + weighted * diff)
-                kl = _reduce(kl, reduction).to(mu.dtype)
-        ctx.save_for_backward(noise, expm1_d if half_expm1 is None else half_expm1, diff, weight)
-        ctx.from_half = half_expm1 is not None
+                saved = torch.expm1(d)
+                kl = _reduce(0.5 * (_g_exact(d, "none") + weighted * diff), reduction).to(mu.dtype)
+        ctx.save_for_backward(noise, saved, diff, weight)
+        ctx.want_kl, ctx.reduction, ctx.scale, ctx.from_half = want_kl, reduction, scale, from_half
+        ctx.stacked = eps is not None and eps.dim() > mu.dim()
+        ctx.prior_shapes = (None if prior_mu is None else prior_mu.shape,
+                            None if prior_logvar is None else prior_logvar.shape)
         return z, kl
 
     @staticmethod
@@ -145,16 +192,23 @@ class _SampleKL(torch.autograd.Function):
         need_mu, need_lv, need_pmu, need_plv = ctx.needs_input_grad[:4]
         d_mu = d_lv = d_pmu = d_plv = None
         # z = mu + noise: dz/dmu = 1 (summed over the K samples), dz/dlv = noise / 2
-        if ctx.has_z and grad_z is not None:
-            samples = grad_z.shape[0]
-            if need_mu:
-                d_mu = grad_z.sum(0) if samples > 1 else grad_z[0]
-            if need_lv:
-                d_lv = (grad_z * noise).sum(0) if samples > 1 else grad_z[0] * noise[0]
+        if noise is not None and grad_z is not None:
+            if ctx.stacked:
+                several = grad_z.shape[0] > 1
+                if need_mu:
+                    d_mu = grad_z.sum(0) if several else grad_z[0]
+                if need_lv:
+                    d_lv = (grad_z * noise).sum(0) if several else grad_z[0] * noise[0]
+            else:
+                d_mu = grad_z if need_mu else None
+                d_lv = grad_z * noise if need_lv else None
+            if d_lv is not None:
                 d_lv.mul_(0.5)
         if ctx.want_kl and grad_kl is not None:
             g = _grad_like(grad_kl, ctx.reduction, diff.dim())
-            # dkl/dmu = (mu - mu_p) e^{-lv_p} = -dkl/dmu_p; dkl/dlv = expm1(d) / 2 (accurate where e^d - 1 is not)
+            if ctx.scale != 1.0:
+                g = g * ctx.scale
+            # dkl/dmu = (mu - mu_p) e^{-lv_p} = -dkl/dmu_p; dkl/dlv = (e^d - 1) / 2
             weighted_g = diff * g if weight is None else diff * (weight * g)
             if need_mu:
                 d_mu = weighted_g if d_mu is None else d_mu + weighted_g
@@ -171,7 +225,7 @@ class _SampleKL(torch.autograd.Function):
                     # dkl/dlv_p = (1 - e^d - (mu - mu_p)^2 e^{-lv_p}) / 2
                     d_plv = torch.addcmul(half_expm1, weighted_g, diff, value=0.5).neg_()
                     d_plv = d_plv.sum_to_size(ctx.prior_shapes[1])
-        return d_mu, d_lv, d_pmu, d_plv, None, None, None
+        return d_mu, d_lv, d_pmu, d_plv, None, None, None, None
 
 
 def _noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -187,50 +241,57 @@ def rsample_kl(
     prior_mu: torch.Tensor | None,
     prior_logvar: torch.Tensor | None,
     *,
-    n_samples: int,
+    n_samples: int | None,
     sample: bool,
     kl: bool,
     reduction: str,
     generator: torch.Generator | None = None,
     seed: int | None = None,
     offset: int | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backend entry point (as :func:`fusedvae.reference.rsample_kl`), noise from ``generator``.
 
     ``seed`` and ``offset`` (the Philox key of the other backends) are accepted and ignored.
-    Returns ``z`` of shape ``(n_samples, *mu.shape)`` in the result dtype when ``sample``, and the KL
-    (``"none"``: result dtype; ``"sum"``, ``"per_sample"``, ``"per_dim"``: compute dtype) when ``kl``.
+    Returns ``z`` of shape ``(n_samples, *mu.shape)`` in the result dtype when ``sample`` (``mu.shape`` for
+    ``n_samples=None``, which the other backends do not take), and the KL (``"none"``: result dtype;
+    ``"sum"`` times ``scale``, ``"per_sample"``, ``"per_dim"``: compute dtype) when ``kl``.
     """
-    dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar)
-    upcast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
-    eps = _noise((n_samples, *mu.shape), dtype, mu.device, generator) if sample else None
-    z, value = _SampleKL.apply(upcast(mu), upcast(logvar), upcast(prior_mu) if kl else None,
-                               upcast(prior_logvar) if kl else None, eps, kl, reduction)
+    if not kl:
+        prior_mu = prior_logvar = None
+    dtype = _compute_dtype(mu, logvar, prior_mu, prior_logvar)
+    shape = mu.shape if n_samples is None else (n_samples, *mu.shape)
+    eps = _noise(shape, dtype, mu.device, generator) if sample else None
+    z, value = _SampleKL.apply(_to(mu, dtype), _to(logvar, dtype), _to(prior_mu, dtype), _to(prior_logvar, dtype),
+                               eps, kl, reduction, scale)
     if z is not None and z.dtype != mu.dtype:
         z = z.to(result_dtype(mu, logvar))
-    if value is not None and reduction == "none":
+    if value is not None and reduction == "none" and value.dtype != mu.dtype:
         value = value.to(result_dtype(mu, logvar, prior_mu, prior_logvar))
     return z, value
 
 
 class _GaussianNLL(torch.autograd.Function):
-    """``r^2/2 + s [+ log(2π)/2]``, ``r = (x - m) e^{-s}``, reduced; saves ``r`` and ``e^{-s}`` (shape of s)."""
+    """``r^2/2 + s [+ log(2π)/2]``, ``r = (x - m) e^{-s}``, reduced (a ``"sum"`` times ``scale``); saves ``r`` and
+    ``e^{-s}`` (shape of s)."""
 
     @staticmethod
-    def forward(ctx, x, mean, log_sigma, full: bool, reduction: str):
-        weight = torch.exp(-log_sigma)
+    def forward(ctx, x, mean, log_sigma, full: bool, reduction: str, scale: float):
+        weight = torch.neg(log_sigma).exp_()
         r = (x - mean).mul_(weight)
         numel, repeats = r.numel(), r.numel() // max(log_sigma.numel(), 1)
         squares = None
         if reduction == "sum":
             squares = _flat_dot(r, r)
-            nll = squares.mul(0.5).add_(log_sigma.sum(), alpha=repeats)
+            # (sum r^2 + 2 repeats sum(s) [+ n log 2π]) * scale / 2: three scalar ops
+            nll = torch.add(squares, log_sigma if log_sigma.dim() == 0 else log_sigma.sum(), alpha=2.0 * repeats)
             if full:
-                nll.add_(numel * HALF_LOG_2PI)
+                nll.add_(2.0 * numel * HALF_LOG_2PI)
+            nll.mul_(0.5 * scale)
         else:
             nll = torch.addcmul(log_sigma + HALF_LOG_2PI if full else log_sigma, r, r, value=0.5)
             nll = _reduce(nll, reduction)
-        ctx.reduction, ctx.shapes, ctx.numel = reduction, (x.shape, log_sigma.shape), numel
+        ctx.reduction, ctx.shapes, ctx.numel, ctx.scale = reduction, (x.shape, log_sigma.shape), numel, scale
         ctx.save_for_backward(r, weight, squares)
         return nll
 
@@ -240,6 +301,8 @@ class _GaussianNLL(torch.autograd.Function):
         need_x, need_m, need_s = ctx.needs_input_grad[:3]
         x_shape, s_shape = ctx.shapes
         g = _grad_like(grad, ctx.reduction, r.dim())
+        if ctx.scale != 1.0:
+            g = g * ctx.scale
         d_x = d_m = d_s = None
         if need_m:  # dnll/dm = -r e^{-s}; dnll/dx = -that
             d_m = r * (weight * g).neg_()
@@ -252,15 +315,16 @@ class _GaussianNLL(torch.autograd.Function):
             else:
                 d_s = torch.addcmul(torch.ones((), dtype=r.dtype, device=r.device), r, r, value=-1).mul_(g)
                 d_s = d_s.sum_to_size(s_shape)
-        return d_x, d_m, d_s, None, None
+        return d_x, d_m, d_s, None, None, None
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, *, full: bool,
-                 reduction: str) -> torch.Tensor:
-    """As :func:`fusedvae.reference.gaussian_nll`: three passes forward (difference, scale, dot), one or two back."""
-    dtype = compute_dtype(x, mean, log_sigma)
-    nll = _GaussianNLL.apply(x.to(dtype), mean.to(dtype), log_sigma.to(dtype), bool(full), reduction)
-    return nll.to(result_dtype(x, mean, log_sigma)) if reduction == "none" else nll
+                 reduction: str, scale: float = 1.0) -> torch.Tensor:
+    """As :func:`fusedvae.reference.gaussian_nll` (a ``"sum"`` times ``scale``): three passes forward (difference,
+    scale, dot), one or two back."""
+    dtype = _compute_dtype(x, mean, log_sigma)
+    nll = _GaussianNLL.apply(_to(x, dtype), _to(mean, dtype), _to(log_sigma, dtype), bool(full), reduction, scale)
+    return nll.to(result_dtype(x, mean, log_sigma)) if reduction == "none" and nll.dtype != x.dtype else nll
 
 
 class _SumSquaredError(torch.autograd.Function):

@@ -31,6 +31,23 @@ def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"unknown backend reduction {reduction!r}")
 
 
+def scale_of(reduction: str, *, batch_size: int, numel: int) -> float:
+    """The factor that turns a ``"sum"`` into ``reduction`` (``"sum"``, ``"mean"`` or ``"batchmean"``); NaN when empty.
+
+    For a backend that multiplies it in inside its op (:mod:`fusedvae.native`) instead of :func:`finish`'s division.
+
+    Example::
+
+        >>> scale_of("batchmean", batch_size=4, numel=32)
+        0.25
+    """
+    if reduction == "mean":
+        return 1.0 / numel if numel else math.nan
+    if reduction == "batchmean":
+        return 1.0 / batch_size if batch_size else math.nan
+    return 1.0
+
+
 def finish(reduced: torch.Tensor, reduction: str, *, batch_size: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Divide a backend sum for ``"mean"`` (by ``numel``) or ``"batchmean"`` (by ``batch_size``); cast to ``dtype``.
 

@@ -94,7 +94,10 @@ def broadcast_shape(*shapes: torch.Size) -> torch.Size | None:
 
 def check_broadcasts_to(name: str, value: torch.Tensor, target_name: str, target: torch.Tensor) -> None:
     """``value`` must broadcast to ``target``'s shape without growing it."""
-    if broadcast_shape(value.shape, target.shape) != target.shape:
+    shape, target_shape = value.shape, target.shape
+    if shape == target_shape or not shape:  # the common cases, without the loop below
+        return
+    if broadcast_shape(shape, target_shape) != target_shape:
         raise ValueError(
             f"{name} of shape {tuple(value.shape)} does not broadcast to {target_name}'s shape "
             f"{tuple(target.shape)}"

@@ -137,6 +137,47 @@ def test_error_bound_decides_the_path():
     assert native._fast_sum_is_exact(torch.tensor(1000.0), 8192, 1.0)   # mean g ~ 0.12: the fast sum
     assert not native._fast_sum_is_exact(torch.tensor(1e-6), 8192, 1.0)  # collapsed: the float64 path
     assert not native._fast_sum_is_exact(torch.tensor(math.nan), 8192, 1.0)
+    # from exp(d) - 1 the bound grows with the element count: kept at a mean sum(g + m) / n of 1, not of 0.05
+    assert native._fast_sum_is_exact(torch.tensor(8192.0), 8192, 1.0, from_exp=True)
+    assert not native._fast_sum_is_exact(torch.tensor(0.05 * 8192), 8192, 1.0, from_exp=True)
+    assert native._fast_sum_is_exact(torch.tensor(0.05 * 8192), 8192, 1.0)
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.2, 1e-3])  # the exp path, the expm1 path, the float64 path
+def test_each_kl_sum_path_gives_the_reference_value_and_gradients(gen, scale):
+    mu = torch.randn(64, 16, generator=gen, dtype=torch.float64) * scale
+    lv = torch.randn(64, 16, generator=gen, dtype=torch.float64) * scale
+    lv_p = torch.randn(16, generator=gen, dtype=torch.float64) * scale
+    for args in ((mu, lv), (mu, lv, torch.zeros(16, dtype=torch.float64), lv_p)):
+        leaves = [t.float().requires_grad_(True) for t in args]
+        with fv.use_backend("native"):
+            kl = fv.kl_normal(*leaves, reduction="batchmean")
+        kl.backward()
+        exact = [t.clone().requires_grad_(True) for t in args]
+        want = fv.reference.kl_normal_elementwise(*exact).sum() / 64
+        want.backward()
+        assert abs(kl.double() - want) <= 1e-5 * want
+        for got, ref in zip(leaves, exact):  # e^d - 1 from float32 exp: within ~1e-7 absolute, as torch's formula
+            torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-7 / 64)
+
+
+def test_one_sample_has_no_sample_dimension_and_torchs_stream(gen):
+    mu = torch.randn(6, 5, generator=gen, requires_grad=True)
+    lv = torch.randn(6, 5, generator=gen, requires_grad=True)
+    with fv.use_backend("native"):
+        torch.manual_seed(11)
+        z, kl = fv.rsample_kl(mu, lv)
+        torch.manual_seed(11)
+        z_alone = fv.rsample(mu, lv)
+    torch.manual_seed(11)
+    eps = torch.randn_like(mu)
+    assert z.shape == mu.shape and torch.equal(z, z_alone)
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * lv) * eps, rtol=1e-6, atol=1e-6)
+    grad_z = torch.randn(z.shape, generator=gen)
+    torch.autograd.backward([z, kl], [grad_z, torch.ones(())])
+    torch.testing.assert_close(mu.grad, grad_z + mu.detach() / 6)
+    want_lv = grad_z * eps * torch.exp(0.5 * lv.detach()) / 2 + torch.expm1(lv.detach()) / 12
+    torch.testing.assert_close(lv.grad, want_lv, rtol=1e-5, atol=1e-6)
 
 
 def test_finite_at_extreme_log_scales():
