@@ -27,6 +27,10 @@ from .testing import errors_against_exact
 
 #: Error floor per dtype, relative to the largest reference value: about one unit in the last place.
 ERROR_FLOOR = {torch.float32: 5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+#: float32 floor of the sampling ops on CUDA: there the noise takes the GPU's approximations (lg2/sin/cos.approx,
+#: fusedvae.kernels.fastmath), |eps - eps_exact| <= 1e-6 (1 + radius) <= 7e-6, so z and dlogvar (sd x eps) may
+#: sit a few 1e-6 of max|z| from the reference where the interpreter is within an ulp.
+CUDA_NOISE_FLOOR = 8e-6
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -170,6 +174,8 @@ def run_parity(device: str, dtypes: Sequence[torch.dtype], ops: Sequence[str] | 
             out, grads, _ = _run(case, inputs64, dtype, device, "triton", grad_outputs, seed)
             out2, grads2, _ = _run(case, inputs64, dtype, device, "triton", grad_outputs, seed)
             floor = ERROR_FLOOR[dtype]
+            if device.startswith("cuda") and dtype == torch.float32 and case.op in ("rsample_kl", "rsample"):
+                floor = max(floor, CUDA_NOISE_FLOOR)
             err_forward, eager_forward = _errors(out, eager_out, ref_out)
             err_backward, eager_backward = _errors(grads, eager_grads, ref_grads)
             row = Row(

@@ -20,6 +20,8 @@ from fusedvae import reference  # noqa: E402
 from fusedvae.kernels import sample_kl as ksample_kl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: On a GPU the float32 noise takes the hardware approximations (fusedvae.kernels.fastmath): |d eps| <= 7e-6.
+NOISE_ATOL = 1e-5 if DEVICE == "cuda" else 1e-6
 
 
 def _leaves(seed: int, shape=(6, 12)):
@@ -94,9 +96,9 @@ def test_the_reference_reads_the_same_key_and_the_backward_reuses_the_forwards(k
     z_ref, kl_ref = reference.rsample_kl(mu, lv, None, None, n_samples=2, key=key, sample=True, kl=True,
                                          reduction="sum")
     want = torch.autograd.grad((z_ref * grad_z).sum() + kl_ref, (mu, lv))
-    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=NOISE_ATOL)
     for got, expected in zip(grads, want):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=NOISE_ATOL)
 
 
 def test_explicit_ints_and_the_key_tensor_give_the_same_noise():
@@ -107,7 +109,7 @@ def test_explicit_ints_and_the_key_tensor_give_the_same_noise():
     by_ints, _ = ksample_kl.rsample_kl(mu, lv, None, None, seed=1234, offset=4 * 1001, **kw)
     by_ref, _ = reference.rsample_kl(mu, lv, None, None, seed=1234, offset=4 * 1001, **kw)
     assert torch.equal(by_key, by_ints)
-    torch.testing.assert_close(by_key, by_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(by_key, by_ref, rtol=1e-5, atol=NOISE_ATOL)
 
 
 def test_bad_keys_are_named():

@@ -25,6 +25,9 @@ from fusedvae.kernels import sample_kl as ksample_kl  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
 N_SAMPLES = 4
+#: On a GPU the float32 noise takes the hardware approximations (fusedvae.kernels.fastmath): |d eps| <= 1e-6 (1 +
+#: radius) <= 7e-6, so z = mu + sd eps is compared with that much more absolute slack per unit of sd.
+FAST_EPS_ABS = 7e-6 if DEVICE == "cuda" else 0.0
 
 
 def _kernel_noise(cols: int, rows: int = 64):
@@ -123,7 +126,8 @@ def test_the_two_kernel_paths_draw_the_same_bits(gen, monkeypatch, cols):
         assert torch.equal(a, b)
     want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=3, seed=kw["seed"],
                              offset=kw["offset"])
-    torch.testing.assert_close(results[0][0].double(), want, rtol=1e-5, atol=1e-5)
+    atol = 1e-5 + FAST_EPS_ABS * torch.exp(0.5 * lv.detach()).max().item()
+    torch.testing.assert_close(results[0][0].double(), want, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("offset", [2**33 + 8, 2**33 + 7])
@@ -143,7 +147,8 @@ def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypat
     for a, b in zip(spread, looped):
         assert torch.equal(a, b)
     want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=64, seed=77, offset=offset)
-    torch.testing.assert_close(spread[0].double(), want, rtol=1e-5, atol=1e-5)
+    atol = 1e-5 + FAST_EPS_ABS * torch.exp(0.5 * lv.detach()).max().item()
+    torch.testing.assert_close(spread[0].double(), want, rtol=1e-5, atol=atol)
 
 
 # The FAST path (fusedvae.kernels.fastmath) is inline PTX: the interpreter cannot run it, so its code is checked
