@@ -25,14 +25,20 @@ SUITES = ("micro", "train", "science")
 
 
 class CsvSink:
-    """Appends rows to a CSV as they are measured (a crash keeps what was done), header first."""
+    """Appends rows to a CSV as they are measured (a crash keeps what was done), header first.
 
-    def __init__(self, path: Path, columns) -> None:
+    ``append``: add to the rows already in ``path`` (several runs, e.g. ``scripts/gpu_run.sh``'s steps, fill
+    one CSV); the header is written only to a new or empty file.
+    """
+
+    def __init__(self, path: Path, columns, *, append: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.handle = open(path, "w", newline="")
+        header = not (append and path.is_file() and path.stat().st_size > 0)
+        self.handle = open(path, "a" if append else "w", newline="")
         self.writer = csv.DictWriter(self.handle, fieldnames=list(columns))
-        self.writer.writeheader()
+        if header:
+            self.writer.writeheader()
         self.count = 0
 
     def __call__(self, row: dict) -> None:
@@ -127,21 +133,23 @@ def _run(args) -> int:
 
         copy_gbps = copy_bandwidth_gbps(device, min_run_time=0.05 if preset == "tiny" else 0.3)
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s", flush=True)
-        sink = CsvSink(out / "micro.csv", COLUMNS)
+        sink = CsvSink(out / "micro.csv", COLUMNS, append=args.append)
         micro_providers = [p for p in (providers or MICRO_PROVIDERS) if p != "fusedvae+compile"]
         try:
             run_micro(device, dtypes, preset=preset, copy_gbps=copy_gbps, variants=select_variants(args.ops),
                       providers=micro_providers, modes=modes, compile_scope=compile_scope,
                       min_run_time=args.min_run_time or (0.1 if preset == "quick" and device.type == "cpu" else 0.2),
-                      seed=args.seed, sizes=args.sizes, on_row=sink, progress=progress)
+                      seed=args.seed, sizes=args.sizes, rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, on_row=sink,
+                      progress=progress)
         finally:
             sink.close()
         print(f"wrote {sink.path} ({sink.count} rows)", flush=True)
 
+    if "micro" in suites and rank == 0 and not args.no_accuracy:
         from .accuracy import COLUMNS as ACCURACY_COLUMNS
         from .accuracy import run_accuracy
 
-        sink = CsvSink(out / "accuracy.csv", ACCURACY_COLUMNS)
+        sink = CsvSink(out / "accuracy.csv", ACCURACY_COLUMNS, append=args.append)
         try:  # the compiled providers' accuracy only where the suite compiles (not the tiny smoke runs)
             run_accuracy([p for p in micro_providers if preset != "tiny" and compile_scope != "none"
                           or not p.endswith("compile")], on_row=sink)
@@ -156,7 +164,7 @@ def _run(args) -> int:
         if world > 1:
             torch.distributed.barrier()
         specs = select_models(model_specs(preset, device.type), args.models)
-        sink = CsvSink(out / "train.csv", COLUMNS) if rank == 0 else None
+        sink = CsvSink(out / "train.csv", COLUMNS, append=args.append) if rank == 0 else None
         try:
             run_train(device, dtypes, specs, preset=preset, providers=providers or TRAIN_PROVIDERS, data=args.data,
                       steps=args.steps, warmup=args.warmup, compile_scope=compile_scope, seed=args.seed,
@@ -239,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sizes", default=None, help="micro: a size table of bench/micro.py's SIZES instead of the "
                      "preset's (gpu-run: one mid size and one >= 256 MB per op, as scripts/gpu_run.sh uses)")
     run.add_argument("--min-run-time", type=float, default=None, help="micro on CPU: seconds of timing per case")
+    run.add_argument("--rep-ms", type=int, default=100, help="micro on GPU: do_bench's repetition budget per timing")
+    run.add_argument("--warmup-ms", type=int, default=25, help="micro on GPU: do_bench's warm-up budget per timing")
+    run.add_argument("--no-accuracy", action="store_true", help="micro: skip accuracy.csv (its compiled providers "
+                     "compile eight more graphs)")
+    run.add_argument("--append", action="store_true", help="add rows to the CSVs already in the output folder "
+                     "instead of starting them afresh")
     run.add_argument("--seed", type=int, default=0, help="seed of inputs, weights, data order and noise (default 0)")
     run.add_argument("--no-report", action="store_true", help="do not write REPORT.md and plots after the run")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

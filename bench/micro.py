@@ -43,11 +43,17 @@ SIZES = {
     "quick": {"latent": [(256, 32), (4096, 128), (65536, 512)], "image": [(64, 3, 32, 32), (256, 3, 128, 128)]},
     "quick-cpu": {"latent": [(256, 32), (2048, 128)], "image": [(16, 3, 32, 32), (64, 3, 32, 32)]},
     "tiny": {"latent": [(8, 16)], "image": [(2, 3, 8, 8)]},
-    # scripts/gpu_run.sh: one mid size and one that moves >= 256 MB in bfloat16 forward (rsample_kl 3E, NLL 2E)
+    # one mid size and one that moves >= 256 MB in bfloat16 forward (rsample_kl 3E, NLL 2E)
     "gpu-run": {"latent": [(4096, 128), (131072, 512)], "image": [(64, 3, 64, 64), (512, 3, 256, 256)]},
+    # scripts/gpu_run.sh times them as separate steps, the large size first: at the mid size a GPU call
+    # is launch-bound (the H200 timed host overhead there), so it comes last and in float32 only
+    "gpu-large": {"latent": [(131072, 512)], "image": [(512, 3, 256, 256)]},
+    "gpu-mid": {"latent": [(4096, 128)], "image": [(64, 3, 64, 64)]},
 }
+_BETATC_TABLE = {"gpu-large": "gpu-run", "gpu-mid": None}  # β-TC has one GPU size: timed with the large ones
 for _table, _sizes in SIZES.items():  # β-TC batches (B, D): its own sweep, the dense form is O(B^2 D)
-    _sizes["betatc"] = BETATC_SIZES[_table]
+    _betatc = _BETATC_TABLE.get(_table, _table)
+    _sizes["betatc"] = BETATC_SIZES[_betatc] if _betatc else []
 
 # With --quick on a CPU, torch.compile (a C++ build per graph, tens of seconds each) runs for these only,
 # one variant per op (``--compile some``); the smoke tests' tiny preset compiles one.
@@ -107,10 +113,12 @@ class Variant:
 
 
 def _tensor(shape, dtype, device, gen, *, kind="normal", scale=1.0, low=0.0, grad=True):
+    # drawn where the generator is: on a GPU the device draws them (a CPU draw of the 256 MB operands
+    # and their copy cost ~0.5 s per tensor, ~30 s of a GPU run's float32 pass), on a CPU as before
     if kind == "normal":
-        value = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+        value = torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device) * scale
     else:
-        value = torch.rand(shape, generator=gen, dtype=torch.float32) * scale + low
+        value = torch.rand(shape, generator=gen, dtype=torch.float32, device=gen.device) * scale + low
     return value.to(device=device, dtype=dtype).requires_grad_(grad)
 
 
@@ -191,7 +199,8 @@ def _grad_outputs(outputs: Sequence[torch.Tensor], gen: torch.Generator) -> list
         if out.dim() == 0:
             grads.append(torch.ones_like(out))
         else:
-            grads.append(torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype))
+            grads.append(torch.randn(out.shape, generator=gen, dtype=torch.float32, device=gen.device)
+                         .to(out.device, out.dtype))
     return grads
 
 
@@ -231,15 +240,17 @@ def plan_sizes(preset: str, device: torch.device, table: str | None = None) -> d
 
 
 def _measure(variant: Variant, fns: dict[str, Callable], shape, dtype, device, *, modes, copy_gbps: float,
-             min_run_time: float, seed: int, preset: str) -> list[dict]:
+             min_run_time: float, seed: int, preset: str, rep_ms: int = 100, warmup_ms: int = 25) -> list[dict]:
     """Rows for one (variant, size, dtype): every provider in ``fns`` × every mode, providers timed interleaved.
 
-    Each provider gets its own inputs from the same seed (equal values). A provider that fails gets
-    rows with a ``note`` and no times.
+    Each provider gets its own inputs from the same seed (equal values), drawn on the GPU when
+    ``device`` is one (β-TC's inputs, small, always on the CPU). A provider that fails gets rows with a
+    ``note`` and no times.
     """
+    gen_device = device if device.type == "cuda" and variant.kind != "betatc" else torch.device("cpu")
     bases, cases = {}, {}
     for provider, fn in fns.items():
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
         bases[provider] = {
             "op": variant.op, "variant": variant.variant, "provider": provider, "dtype": _dtype_name(dtype),
             "shape": "x".join(map(str, shape)), "numel": math.prod(shape), "copy_gbps": copy_gbps,
@@ -262,7 +273,8 @@ def _measure(variant: Variant, fns: dict[str, Callable], shape, dtype, device, *
         if cases:
             try:
                 timings = time_interleaved_ms({p: c[2][mode] for p, c in cases.items()}, device,
-                                              context=provider_context, min_run_time=min_run_time)
+                                              context=provider_context, min_run_time=min_run_time, rep_ms=rep_ms,
+                                              warmup_ms=warmup_ms)
             except Exception as exc:  # noqa: BLE001
                 for provider in cases:
                     bases[provider] = dict(bases[provider], note=_note(exc))
@@ -300,6 +312,8 @@ def run_micro(
     min_run_time: float = 0.2,
     seed: int = 0,
     sizes: str | None = None,
+    rep_ms: int = 100,
+    warmup_ms: int = 25,
     on_row: Callable[[dict], None] = lambda row: None,
     progress: Callable[..., object] | None = None,
 ) -> list[dict]:
@@ -307,7 +321,7 @@ def run_micro(
 
     ``compile_scope``: ``all`` compiles every variant, ``some`` only :data:`COMPILE_SOME` (of the
     preset), ``none`` skips the ``compile`` provider. ``sizes`` names a table of :data:`SIZES` that
-    replaces the preset's sweep.
+    replaces the preset's sweep. ``rep_ms``, ``warmup_ms``: ``do_bench``'s budgets per timing on a GPU.
     """
     configure_dynamo(retain_graph=True)
     variants = list(variants or VARIANTS)
@@ -339,7 +353,8 @@ def run_micro(
                 bar.set_postfix_str(f"{variant.op}:{variant.variant} {_dtype_name(dtype)} {'x'.join(map(str, shape))}",
                                     refresh=True)
             for row in _measure(variant, functions_of, shape, dtype, device, modes=modes, copy_gbps=copy_gbps,
-                                min_run_time=min_run_time, seed=seed, preset=preset):
+                                min_run_time=min_run_time, seed=seed, preset=preset, rep_ms=rep_ms,
+                                warmup_ms=warmup_ms):
                 row.update(env)
                 row = {column: row.get(column, math.nan) for column in COLUMNS}
                 rows.append(row)

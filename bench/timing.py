@@ -56,17 +56,20 @@ def _is_cuda(device) -> bool:
 
 
 def time_ms(
-    fn: Callable[[], object], device, *, min_run_time: float = 0.2, warmup: int = 2, rep_ms: int = 100
+    fn: Callable[[], object], device, *, min_run_time: float = 0.2, warmup: int = 2, rep_ms: int = 100,
+    warmup_ms: int = 25,
 ) -> tuple[float, float, float]:
     """Median, 20th and 80th percentile time of one call of ``fn``, in milliseconds, after warm-up.
 
     ``fn`` must be self-contained (no gradient left to accumulate: the suite calls
-    ``torch.autograd.grad``, which returns fresh gradients).
+    ``torch.autograd.grad``, which returns fresh gradients). On a GPU ``warmup_ms`` and ``rep_ms`` are
+    ``do_bench``'s warm-up and repetition budgets (a call that moves >= 256 MB takes >= 0.06 ms on any
+    current GPU, so 40 ms of repetitions still give hundreds of samples for the fused ops).
     """
     if _is_cuda(device):
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(QUANTILES))
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
         return float(p50), float(p20), float(p80)
     import torch.utils.benchmark as benchmark
 
@@ -92,6 +95,7 @@ def time_interleaved_ms(
     min_run_time: float = 0.2,
     warmup: int = 2,
     rep_ms: int = 100,
+    warmup_ms: int = 25,
 ) -> dict[str, tuple[float, float, float]]:
     """:func:`time_ms` of several functions (the providers of one case), each run inside ``context(name)``.
 
@@ -105,7 +109,8 @@ def time_interleaved_ms(
         out = {}
         for name, fn in functions.items():
             with context(name):
-                out[name] = time_ms(fn, device, min_run_time=min_run_time, warmup=warmup, rep_ms=rep_ms)
+                out[name] = time_ms(fn, device, min_run_time=min_run_time, warmup=warmup, rep_ms=rep_ms,
+                                    warmup_ms=warmup_ms)
         return out
     import torch.utils.benchmark as benchmark
 

@@ -1,15 +1,21 @@
-"""Hardware counters of two kernels, per element, to set beside the static cost model (``python -m bench static``).
+"""Hardware counters of the forward kernels, per element, to set beside the static cost model (``python -m bench static``).
 
-    ncu --profile-from-start off --clock-control none --metrics <METRICS> -o REPORT \\
-        python scripts/ncu_probe.py target [--numel N]        # rsample forward, then gaussian_nll forward
+    ncu --profile-from-start off --clock-control none -k regex:"KERNELS" \\
+        --section LaunchStats --section Occupancy --section SpeedOfLight --metrics <METRICS> -o REPORT \\
+        python scripts/ncu_probe.py target [--numel N]
     ncu --import REPORT.ncu-rep --csv --page raw --print-units base > raw.csv
     python scripts/ncu_probe.py parse raw.csv --numel N [--csv out.csv]
 
-``target`` warms both ops up (Triton compiles them) outside the profiled range, then runs each once
-between ``cudaProfilerStart``/``Stop``, so ncu sees only their kernels. ``parse`` prints, per kernel,
-the instructions executed per element (warp instructions × 32 / numel: lane instructions, the static
-report's unit) and the DRAM bytes read and written per element. ``--clock-control none``: the card's
-clocks are left as they are. Without a GPU, ``target`` runs the ops on the CPU (the dry run).
+``target`` warms the ops of :data:`CASES` up (Triton compiles them) outside the profiled range, then runs
+each once between ``cudaProfilerStart``/``Stop``, so ncu sees only their kernels (``KERNELS`` keeps the
+fused ones, in :data:`CASES`' order): rsample, rsample_kl and kl_normal with the standard and a learned
+prior (the first GPU run timed the standard prior at 0.26 and 0.43 of the copy floor, the learned one at
+0.83-0.95: registers, waves, achieved occupancy, issue activity and the SM clock say why), and
+gaussian_nll with a scalar σ. Latents are ``(numel / 512, 512)`` (131072 x 512 by default, the micro
+suite's large size). ``parse`` prints, per kernel, the instructions executed per element (warp
+instructions × 32 / numel: lane instructions, the static report's unit, beside :data:`STATIC`), the DRAM
+bytes read and written per element, and the launch and occupancy figures. ``--clock-control none``: the
+card's clocks are left as they are. Without a GPU, ``target`` runs the ops on the CPU (the dry run).
 """
 
 from __future__ import annotations
@@ -19,6 +25,28 @@ import csv
 import sys
 
 METRICS = ("smsp__inst_executed.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
+#: ncu's sections beside METRICS: registers, grid, waves, theoretical and achieved occupancy, the SM clock.
+SECTIONS = ("LaunchStats", "Occupancy", "SpeedOfLight")
+#: The profiled kernels (ncu's ``-k regex:``): the fused forward kernels only, not torch's small reductions.
+KERNELS = "_sample_kl_forward_kernel|_gaussian_nll_fwd_kernel"
+#: The profiled calls, in launch order: each launches one kernel that KERNELS keeps.
+CASES = ("rsample", "rsample_kl standard", "rsample_kl learned", "kl_normal standard", "kl_normal learned",
+         "gaussian_nll scalar-sigma")
+#: SASS instructions per element of the static report (results/static-sm90 at 6569d85, Triton 3.9, float32,
+#: "sum" reductions); the GPU runs Triton 3.6, whose code may differ.
+STATIC = {"rsample": 56.9, "rsample_kl standard": 79.6, "rsample_kl learned": 91.5, "kl_normal standard": 28.1,
+          "kl_normal learned": 39.3}
+#: Launch and occupancy figures taken from the sections' raw columns: (our key, ncu's candidate names).
+EXTRA = (
+    ("registers", ("launch__registers_per_thread",)),
+    ("waves", ("launch__waves_per_multiprocessor",)),
+    ("occupancy_theory_pct", ("sm__maximum_warps_per_active_cycle_pct",)),
+    ("occupancy_pct", ("sm__warps_active.avg.pct_of_peak_sustained_active",)),
+    ("sm_ghz", ("sm__cycles_elapsed.avg.per_second", "gpc__cycles_elapsed.avg.per_second",
+                "smsp__cycles_elapsed.avg.per_second")),
+    ("sm_busy_pct", ("sm__throughput.avg.pct_of_peak_sustained_elapsed",)),
+    ("memory_pct", ("gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed",)),
+)
 
 
 def target(numel: int) -> None:
@@ -27,24 +55,36 @@ def target(numel: int) -> None:
     import fusedvae as fv
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    mu = torch.randn(numel, generator=gen).to(device).view(-1, 256)
-    logvar = (0.5 * torch.randn(numel, generator=gen)).to(device).view(-1, 256)
-    x = torch.rand(numel, generator=gen).to(device).view(-1, 3, 16, 16)
-    mean = torch.rand(numel, generator=gen).to(device).view(-1, 3, 16, 16)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def make(scale=1.0, uniform=False):
+        draw = torch.rand if uniform else torch.randn
+        return (scale * draw(numel, generator=gen, device=device)).view(-1, 512)
+
+    mu, logvar, prior_mu, prior_logvar = make(), make(0.5), make(0.5), make(0.3)
+    x, mean = make(uniform=True), make(uniform=True)
     log_sigma = torch.tensor(0.1, device=device)
+    calls = {
+        "rsample": lambda: fv.rsample(mu, logvar),
+        "rsample_kl standard": lambda: fv.rsample_kl(mu, logvar),
+        "rsample_kl learned": lambda: fv.rsample_kl(mu, logvar, prior_mu, prior_logvar),
+        "kl_normal standard": lambda: fv.kl_normal(mu, logvar),
+        "kl_normal learned": lambda: fv.kl_normal(mu, logvar, prior_mu, prior_logvar),
+        "gaussian_nll scalar-sigma": lambda: fv.gaussian_nll(x, mean, log_sigma),
+    }
+    assert tuple(calls) == CASES
     for _ in range(2):  # compile and warm up, unprofiled
-        fv.rsample(mu, logvar)
-        fv.gaussian_nll(x, mean, log_sigma)
+        for call in calls.values():
+            call()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-    fv.rsample(mu, logvar)
-    fv.gaussian_nll(x, mean, log_sigma)
+    for call in calls.values():
+        call()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-    print(f"ran rsample and gaussian_nll forward on {numel} float32 elements ({device})")
+    print(f"ran {', '.join(CASES)} forward on {numel} float32 elements ({device})")
 
 
 def _number(text: str) -> float:
@@ -54,8 +94,18 @@ def _number(text: str) -> float:
         return float("nan")
 
 
+def _first(record: dict, names: tuple[str, ...]) -> float:
+    for name in names:
+        if name in record:
+            return _number(record[name])
+    return float("nan")
+
+
 def parse(path: str, numel: int) -> list[dict]:
-    """One row per profiled kernel launch of ncu's raw CSV page (its second line, the units, is skipped)."""
+    """One row per profiled kernel launch of ncu's raw CSV page (its second line, the units, is skipped).
+
+    ``case`` names the launch by :data:`CASES`' order when ncu kept as many launches as there are cases.
+    """
     rows = []
     with open(path, newline="") as handle:
         lines = [line for line in handle if not line.startswith("==")]  # ncu's own messages
@@ -65,7 +115,8 @@ def parse(path: str, numel: int) -> list[dict]:
         inst = _number(record.get("smsp__inst_executed.sum", "nan"))
         read = _number(record.get("dram__bytes_read.sum", "nan"))
         write = _number(record.get("dram__bytes_write.sum", "nan"))
-        rows.append({
+        row = {
+            "case": "",
             "kernel": record.get("Kernel Name", "?")[:60],
             "grid": record.get("Grid Size", ""),
             "block": record.get("Block Size", ""),
@@ -73,7 +124,14 @@ def parse(path: str, numel: int) -> list[dict]:
             "inst_per_elem": inst * 32 / numel,
             "dram_read_b_per_elem": read / numel,
             "dram_write_b_per_elem": write / numel,
-        })
+        }
+        row.update({key: _first(record, names) for key, names in EXTRA})
+        row["sm_ghz"] /= 1e9
+        rows.append(row)
+    if len(rows) == len(CASES):
+        for row, case in zip(rows, CASES):
+            row["case"] = case
+            row["static_inst_per_elem"] = STATIC.get(case, float("nan"))
     return rows
 
 
@@ -81,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("target", help="the profiled program")
-    run.add_argument("--numel", type=int, default=3 << 22)
+    run.add_argument("--numel", type=int, default=131072 * 512)
     read = commands.add_parser("parse", help="per-element figures from ncu's raw CSV page")
     read.add_argument("raw")
-    read.add_argument("--numel", type=int, default=3 << 22)
+    read.add_argument("--numel", type=int, default=131072 * 512)
     read.add_argument("--csv", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    if args.numel % 768:
-        parser.error("--numel must be a multiple of 768 (rows of 256 latents and 3x16x16 images)")
+    if args.numel % 512:
+        parser.error("--numel must be a multiple of 512 (rows of 512 elements)")
     if args.command == "target":
         target(args.numel)
         return 0
@@ -96,13 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"no kernel rows in {args.raw}", file=sys.stderr)
         return 1
-    print(f"{'kernel':<60} {'us':>8} {'inst/elem':>10} {'DRAM rd B/elem':>15} {'DRAM wr B/elem':>15}")
+    print(f"{'case':<26} {'us':>8} {'inst/elem':>9} {'static':>6} {'rd B/el':>7} {'wr B/el':>7} {'regs':>4} "
+          f"{'waves':>5} {'occ%':>5} {'GHz':>5} {'grid':>14}")
     for row in rows:
-        print(f"{row['kernel']:<60} {row['time_us']:8.1f} {row['inst_per_elem']:10.1f} "
-              f"{row['dram_read_b_per_elem']:15.2f} {row['dram_write_b_per_elem']:15.2f}")
+        print(f"{row['case'] or row['kernel'][:26]:<26} {row['time_us']:8.1f} {row['inst_per_elem']:9.1f} "
+              f"{row.get('static_inst_per_elem', float('nan')):6.1f} {row['dram_read_b_per_elem']:7.2f} "
+              f"{row['dram_write_b_per_elem']:7.2f} {row['registers']:4.0f} {row['waves']:5.2f} "
+              f"{row['occupancy_pct']:5.1f} {row['sm_ghz']:5.2f} {row['grid']:>14}")
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             writer.writeheader()
             writer.writerows(rows)
     return 0

@@ -216,3 +216,27 @@ def test_ddp_two_cpu_processes_end_with_identical_parameters(tmp_path):
     initial = MLPVAE().state_dict()
     trained = torch.load(params / "mlp_784-400-20_torch_float32_rank0.pt")
     assert not torch.equal(initial["encoder.0.weight"], trained["encoder.0.weight"])
+
+
+def test_csv_sink_appends_rows_under_one_header(tmp_path):
+    from bench.__main__ import CsvSink
+
+    path = tmp_path / "micro.csv"
+    for append, value in ((False, "a"), (True, "b"), (True, "c")):  # scripts/gpu_run.sh: one CSV from several runs
+        sink = CsvSink(path, ("op", "time"), append=append)
+        sink({"op": value, "time": 1.0})
+        sink.close()
+    assert pd.read_csv(path)["op"].tolist() == ["a", "b", "c"]
+    sink = CsvSink(path, ("op", "time"))  # without append a run starts the file afresh
+    sink.close()
+    assert path.read_text().splitlines() == ["op,time"]
+
+
+def test_gpu_run_size_tables_split_the_gpu_run_sizes():
+    from bench.micro import SIZES
+
+    large, mid, both = SIZES["gpu-large"], SIZES["gpu-mid"], SIZES["gpu-run"]
+    for kind in ("latent", "image"):
+        assert sorted(large[kind] + mid[kind]) == sorted(both[kind])
+        assert all(math.prod(s) > math.prod(m) for s in large[kind] for m in mid[kind])
+    assert large["betatc"] == both["betatc"] and mid["betatc"] == []  # β-TC's one GPU size runs with the large ones

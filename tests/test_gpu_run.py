@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_summary  # noqa: E402
 import ncu_probe  # noqa: E402
 
-STEPS = ("env", "parity-float32", "parity-bfloat16", "parity-float16", "pytest", "capture", "micro", "train",
-         "ncu", "report")
+STEPS = ("env", "parity-float32", "parity-bfloat16", "parity-float16", "pytest", "capture", "warm", "micro",
+         "probe-full", "probe-prior", "ncu", "train", "micro-bf16", "train-rest", "micro-mid", "report")
 
 
 def _summary_steps(text: str) -> dict[str, str]:
