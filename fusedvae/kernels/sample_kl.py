@@ -37,6 +37,7 @@ from . import _common, _custom_op, fastmath
 from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM, column_offsets, emit_finish, emit_step
 from ._common import exp_accurate as _exp
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
+from ._common import exp_minus_one_minus_x_given as _exp_minus_one_minus_x_given
 from .philox import philox_normal_rows
 
 _REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sample": PER_SAMPLE}
@@ -114,7 +115,10 @@ def _sample_kl_forward_kernel(
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, KL_DTYPE)
                 d = d - plv
                 maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST)
-            g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST)
+            if SAMPLE and not HAS_PLV and KL_DTYPE == SAMPLE_DTYPE:  # e^lv = sd^2: a multiply, not a second exp
+                g, _ = _exp_minus_one_minus_x_given(d, sd * sd, KL_DTYPE == tl.float64)
+            else:
+                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST)
             acc = emit_step(0.5 * (g + maha), acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE)
     emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE)
 
@@ -183,7 +187,10 @@ def _sample_kl_backward_kernel(
                 weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
             else:
                 weighted = diff
-            _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)  # dkl/dlv = (e^d - 1) / 2
+            if HAS_DZ and not HAS_PLV and GRAD_DTYPE == SAMPLE_DTYPE:  # e^lv = sd^2: a multiply, not a second exp
+                _, em1 = _exp_minus_one_minus_x_given(d, sd * sd, GRAD_DTYPE == tl.float64)
+            else:
+                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)  # dkl/dlv = (e^d - 1) / 2
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if PMU_MODE != OFF:  # dkl/dmu_p = -dkl/dmu
