@@ -27,14 +27,18 @@ import torch
 
 BACKENDS = ("auto", "triton", "native", "reference")
 
-_override = threading.local()
+class _Override(threading.local):
+    name: str | None = None  # a class default: reading it unset raises (and costs) nothing
+
+
+_override = _Override()
 
 
 _PARSED_ENV: dict[str, str] = {}  # FUSEDVAE_BACKEND's raw value -> its backend: parsed once per distinct value
 
 
 def _requested_backend() -> str:
-    name = getattr(_override, "name", None)
+    name = _override.name
     if name is not None:
         return name  # use_backend checked it
     raw = os.environ.get("FUSEDVAE_BACKEND", "auto")
@@ -75,7 +79,7 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous = getattr(_override, "name", None)
+    previous = _override.name
     _override.name = name
     try:
         yield

@@ -62,6 +62,8 @@ def _noise_key(impl: ModuleType, generator: torch.Generator | None, device: torc
 def _as_optional_tensor(name: str, value: object, like: torch.Tensor) -> torch.Tensor | None:
     if value is None:
         return None
+    if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         # A Python number is held at compute precision (not rounded to a half dtype); being
         # 0-dimensional it does not change the result dtype, as with torch's own scalars.
@@ -72,16 +74,22 @@ def _as_optional_tensor(name: str, value: object, like: torch.Tensor) -> torch.T
 def _check_posterior(mu, logvar, prior_mu=None, prior_logvar=None):
     check.check_tensor("mu", mu)
     check.check_tensor("logvar", logvar)
-    prior_mu = _as_optional_tensor("prior_mu", prior_mu, mu)
-    prior_logvar = _as_optional_tensor("prior_logvar", prior_logvar, mu)
     device = mu.device
-    if (logvar.device != device or (prior_mu is not None and prior_mu.device != device)
-            or (prior_logvar is not None and prior_logvar.device != device)):
+    same_device = logvar.device == device
+    if prior_mu is not None:
+        prior_mu = _as_optional_tensor("prior_mu", prior_mu, mu)
+        same_device = same_device and prior_mu.device == device
+    if prior_logvar is not None:
+        prior_logvar = _as_optional_tensor("prior_logvar", prior_logvar, mu)
+        same_device = same_device and prior_logvar.device == device
+    if not same_device:
         check.check_same_device({"mu": mu, "logvar": logvar, "prior_mu": prior_mu, "prior_logvar": prior_logvar})
-    check.check_same_shape("logvar", logvar, "mu", mu)
-    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        if prior is not None:
-            check.check_broadcasts_to(name, prior, "mu", mu)
+    if logvar.shape != mu.shape:
+        check.check_same_shape("logvar", logvar, "mu", mu)
+    if prior_mu is not None:
+        check.check_broadcasts_to("prior_mu", prior_mu, "mu", mu)
+    if prior_logvar is not None:
+        check.check_broadcasts_to("prior_logvar", prior_logvar, "mu", mu)
     return prior_mu, prior_logvar
 
 
@@ -183,8 +191,14 @@ def kl_normal(
     check.check_reduction(reduction, check.KL_REDUCTIONS)
     check.check_batched("mu", mu, reduction)
     free_bits = check.check_free_bits(free_bits, reduction)
+    impl = _implementation(mu)
+    if impl is native and free_bits == 0.0 and _BACKEND_REDUCTION[reduction] == "sum":
+        scale = _scale_of(reduction, batch_size=mu.shape[0] if mu.dim() else 1, numel=mu.numel())
+        kl = native.kl_sum(mu, logvar, prior_mu, prior_logvar, scale=scale)
+        dtype = _result_dtype(mu, logvar, prior_mu, prior_logvar)
+        return kl if kl.dtype == dtype else kl.to(dtype)
     _, kl = _kl_from_backend(
-        _implementation(mu), mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
+        impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
         n_samples=1, seed=0, offset=0, sample=False,
     )
     return kl
@@ -223,7 +237,13 @@ def rsample_kl(
     check.check_batched("mu", mu, reduction)
     free_bits = check.check_free_bits(free_bits, reduction)
     impl = _implementation(mu)
-    if impl is native:  # z without the sample dimension, drawn so (no indexing node)
+    if impl is native:  # z without the sample dimension, drawn so (no indexing node); the division folded in
+        if free_bits == 0.0 and _BACKEND_REDUCTION[reduction] == "sum":
+            scale = _scale_of(reduction, batch_size=mu.shape[0] if mu.dim() else 1, numel=mu.numel())
+            z, kl = native.rsample_kl(mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, sample=True, kl=True,
+                                      reduction="sum", generator=generator, scale=scale)
+            dtype = _result_dtype(mu, logvar, prior_mu, prior_logvar)
+            return z, (kl if kl.dtype == dtype else kl.to(dtype))
         return _kl_from_backend(impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
                                 n_samples=n_samples, sample=True, generator=generator)
     z, kl = _kl_from_backend(

@@ -95,7 +95,8 @@ def broadcast_shape(*shapes: torch.Size) -> torch.Size | None:
 def check_broadcasts_to(name: str, value: torch.Tensor, target_name: str, target: torch.Tensor) -> None:
     """``value`` must broadcast to ``target``'s shape without growing it."""
     shape, target_shape = value.shape, target.shape
-    if shape == target_shape or not shape:  # the common cases, without the loop below
+    # the common cases without the loop below: the same shape, a scalar, the trailing dims (a per-dim prior)
+    if shape == target_shape or not shape or target_shape[len(target_shape) - len(shape):] == shape:
         return
     if broadcast_shape(shape, target_shape) != target_shape:
         raise ValueError(
