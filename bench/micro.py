@@ -2,7 +2,11 @@
 
 Modes: ``forward`` is the op's forward pass as a training step runs it (inputs require grad, so
 autograd records what the backward pass needs); ``backward`` is ``torch.autograd.grad`` of a graph
-built once beforehand (``retain_graph``); ``full`` is both in one timed call. Gradients go through
+built once beforehand (``retain_graph``); ``full`` is both in one timed call. On a GPU each call is
+timed alone (L2 flushed, device idle before it), so a call whose host path (Python, dispatch, launches)
+takes longer than its kernels is timed at its host cost: ``host_ms`` (the time to enqueue one call)
+says which rows those are (the H200's ``full`` rows of fusedvae at the large size, ~1 ms of host path
+against ~0.5 ms of kernels). Gradients go through
 ``torch.autograd.grad`` (fresh tensors every call, nothing accumulates). Every op is called the way
 a VAE calls it: the default ``reduction="batchmean"`` (``"mean"`` for ``gaussian_nll_loss``, as torch).
 """
@@ -22,12 +26,12 @@ from .betatc_cases import BETATC_SIZES, betatc_dense, betatc_fused, betatc_input
 from .bytes import MODES, bytes_min
 from .device import environment, threads
 from .providers import MICRO_PROVIDERS, backend_label, configure_dynamo, is_compiled, provider_context, uses_baseline
-from .timing import clock_name, peak_memory_mb, saved_mb, time_interleaved_ms
+from .timing import clock_name, host_ms, peak_memory_mb, saved_mb, time_interleaved_ms
 
 COLUMNS = (
     "op", "variant", "provider", "backend", "mode", "dtype", "shape", "numel", "bytes_min",
     "time_ms_p50", "time_ms_p20", "time_ms_p80", "clock", "gbps", "roofline_fraction", "peak_mem_mb", "saved_mb",
-    "copy_gbps", "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
+    "host_ms", "copy_gbps", "threads", "preset", "note", "device", "torch", "triton", "fusedvae", "commit", "timestamp",
 )
 
 # Size sweeps: latents (B, D), images (B, C, H, W).
@@ -288,9 +292,10 @@ def _measure(variant: Variant, fns: dict[str, Callable], shape, dtype, device, *
                 with provider_context(provider):
                     peak = peak_memory_mb(functions[mode], device)
                     saved = saved_mb(functions["forward"])  # what the forward keeps for backward, in every mode's row
+                    host = host_ms(functions[mode], device)  # >= time_ms_p50: the row timed the host path
                 row.update(bytes_min=moved, time_ms_p50=p50, time_ms_p20=p20, time_ms_p80=p80, gbps=gbps,
                            roofline_fraction=gbps / copy_gbps if copy_gbps else math.nan, peak_mem_mb=peak,
-                           saved_mb=saved)
+                           saved_mb=saved, host_ms=host)
             rows[provider].append(row)
     return [row for provider in fns for row in rows[provider]]
 

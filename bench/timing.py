@@ -198,6 +198,26 @@ def peak_memory_mb(fn: Callable[[], object], device) -> float:
         return math.nan
 
 
+def host_ms(fn: Callable[[], object], device, *, calls: int = 5) -> float:
+    """Median host time to enqueue one call of ``fn`` with the device idle before it, in ms; NaN on a CPU.
+
+    On a GPU a call whose host time exceeds its kernels' time is launch-bound: ``do_bench`` (a flushed L2
+    and an idle device before every call) then times the host path, not the kernels. Any wait the call
+    itself makes for the device counts. On a CPU the call's time is all host time: not measured again.
+    """
+    if not _is_cuda(device):
+        return math.nan
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - start)
+        del result
+    torch.cuda.synchronize()
+    return float(np.median(samples) * 1e3)
+
+
 def saved_mb(fn: Callable[[], object]) -> float:
     """MiB that autograd saves for backward while ``fn`` (a forward pass) runs, each storage counted once.
 

@@ -124,6 +124,9 @@ def probe_full(small: bool) -> None:
                     print(f"{key[0]}:{key[1]} {'x'.join(map(str, shape))} {provider:<8} {mode:<8} "
                           f"host {t['host']:7.3f}  wall {t['wall']:7.3f}  do_bench {_bench_ms(call, device):7.3f}  "
                           f"loop {t['loop']:7.3f}", flush=True)
+                graph = _graph_ms(functions["full"], device)
+                print(f"{key[0]}:{key[1]} {provider:<8} full in a CUDA graph (the kernels alone, no host path): "
+                      f"{graph}", flush=True)
                 verdicts.append((f"{key[0]} {provider}", t["host"]))
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
                 _sync(device)
@@ -140,6 +143,25 @@ def probe_full(small: bool) -> None:
     # last line (the step's detail in the summary): a full call whose host time exceeds its kernels' is launch-bound
     print("full call, host ms / kernel ms: " + "; ".join(
         f"{case} {host:.2f}/{kernels:.2f}{' launch-bound' if host > kernels else ''}" for case, host, kernels in verdicts))
+
+
+def _graph_ms(fn, device: torch.device) -> str:
+    """``do_bench`` of ``fn`` captured in a CUDA graph and replayed (what a graph-captured training step pays)."""
+    if device.type != "cuda":
+        return "n/a (no GPU)"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up on a side stream, as torch.cuda.graph's documentation asks
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return f"{_bench_ms(graph.replay, device):.3f} ms"
+    except Exception as exc:  # noqa: BLE001 - a probe: report and go on
+        return f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
 
 
 def _kernel_ms(prof) -> float:

@@ -4,8 +4,9 @@
 
 ``STEPS.tsv`` has one line per step: name, status (ok, FAIL, TIMEOUT, skip), seconds, detail.
 From ``RESULTS_DIR/micro.csv``: per op variant and dtype, at its largest size in ``full`` mode
-(forward + backward), fusedvae's time, its fraction of the copy floor and its speed-up over the
-unfused providers. From ``train.csv``: per model, each provider's median step and fusedvae's speed-up.
+(forward + backward), fusedvae's time, its fraction of the copy floor, its speed-up over the
+unfused providers and its host time per call (``launch-bound`` where that is the time measured).
+From ``train.csv``: per model, each provider's median step and fusedvae's speed-up.
 Reads only the standard library, so it runs wherever the run did.
 """
 
@@ -47,13 +48,19 @@ def _time(rows: list[dict], names: tuple[str, ...], column: str) -> float:
     return math.nan
 
 
+def _host(row: dict, ms: float) -> str:
+    """fusedvae's host time per call, marked ``launch-bound`` when it exceeds the timed call (the row timed the host)."""
+    host = _float(row.get("host_ms"))
+    return _fmt(host) + (" launch-bound" if host >= ms else "")
+
+
 def micro_table(rows: list[dict]) -> list[str]:
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         if row.get("mode") == "full":
             groups.setdefault((row["op"], row["variant"], row["dtype"]), []).append(row)
     lines = ["| op:variant | dtype | shape | MB moved | fusedvae ms | % of copy | × torch | × torch+compile "
-             "| saved MB |", "| --- " * 9 + "|"]
+             "| saved MB | host ms |", "| --- " * 10 + "|"]
     for (op, variant, dtype), group in groups.items():
         largest = max(_float(r.get("numel")) for r in group)
         at = [r for r in group if _float(r.get("numel")) == largest]
@@ -65,7 +72,7 @@ def micro_table(rows: list[dict]) -> list[str]:
             f"| {_fmt(ms)} | {_fmt(100 * _float(fused.get('roofline_fraction')), '.0f', '%')} "
             f"| {_fmt(_time(at, TORCH, 'time_ms_p50') / ms, '.2f', '×')} "
             f"| {_fmt(_time(at, TORCH_COMPILE, 'time_ms_p50') / ms, '.2f', '×')} "
-            f"| {_fmt(_float(fused.get('saved_mb')), '.3g')} |")
+            f"| {_fmt(_float(fused.get('saved_mb')), '.3g')} | {_host(fused, ms)} |")
     return lines if len(lines) > 2 else ["(no micro-benchmark rows)"]
 
 

@@ -112,15 +112,18 @@ def test_ncu_parse_gives_per_element_figures(tmp_path):
 
 
 def test_summary_micro_table_compares_the_largest_full_case():
-    def row(provider, numel, ms, note=""):
+    def row(provider, numel, ms, note="", host=""):
         return {"op": "kl_normal", "variant": "standard-prior", "dtype": "float32", "mode": "full", "shape": str(numel),
                 "numel": str(numel), "provider": provider, "time_ms_p50": str(ms), "bytes_min": "3e8",
-                "roofline_fraction": "0.9", "saved_mb": "0", "note": note}
+                "roofline_fraction": "0.9", "saved_mb": "0", "note": note, "host_ms": host}
 
     rows = [row("torch", 10, 1.0), row("fusedvae", 10, 1.0),  # a smaller size: not the headline
-            row("torch", 100, 8.0), row("torch+compile", 100, 2.5), row("fusedvae", 100, 2.0)]
+            row("torch", 100, 8.0), row("torch+compile", 100, 2.5), row("fusedvae", 100, 2.0, host="2.1")]
     table = gpu_summary.micro_table(rows)
     assert len(table) == 3
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:3] == ["kl_normal:standard-prior", "float32", "100"]
     assert cells[3:8] == ["300", "2", "90%", "4.00×", "1.25×"]
+    assert cells[9] == "2.1 launch-bound"  # the host path took longer than the timed call: it was the time measured
+    rows[-1]["host_ms"] = "0.4"
+    assert gpu_summary.micro_table(rows)[2].rstrip(" |").endswith("| 0.4")
