@@ -62,6 +62,8 @@ BUDGET=${GPU_RUN_BUDGET:-$(( DRY ? 480 : 345 ))}
 SCALE=$(( DRY ? 3 : 1 ))  # the dry run checks the script, not speed: a busy shared CPU gets looser caps
 RESERVE=$(( 25 * SCALE ))  # seconds kept for the report and the summary
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# torch.compile's on-disk caches (the defaults, stated: the warm step relies on them), shared by every step's process
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 exec > >(tee "$OUT/gpu_run.log") 2>&1
 TEE_PID=$!
 
@@ -193,7 +195,8 @@ WARM_RUNS=(
 WARM=""
 for run in "${WARM_RUNS[@]}"; do
   name=${run%%|*}
-  WARM+="timeout -k 2 $WARM_EACH ${run#*|} --out $WORK/warm-$name > $LOGS/warm-$name.log 2>&1 & "
+  # 4 compile workers each (inductor's default is one per core, in every process); not part of the cache key
+  WARM+="TORCHINDUCTOR_COMPILE_THREADS=4 timeout -k 2 $WARM_EACH ${run#*|} --out $WORK/warm-$name > $LOGS/warm-$name.log 2>&1 & "
 done
 WARM+="wait; for f in $LOGS/warm-*.log; do n=\$(basename \$f .log); grep -q '^done in' \$f && echo -n \"\${n#warm-} done, \" || echo -n \"\${n#warm-} cut, \"; done; echo"
 PIDS=()
