@@ -591,3 +591,39 @@ def test_per_element_operand_fakes_match_the_kernels(layout, gen):
                      (torch.ops.fusedvae.gaussian_nll_var_forward, (x, m, var, False, 1e-6, "none")),
                      (torch.ops.fusedvae.gaussian_nll_var_forward, (x, m, var, True, 1e-6, "sum"))):
         torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+
+
+def _memory_reversed(t):
+    """``t``'s values with its dims reversed in memory (every dim non-mergeable in logical order)."""
+    dims = tuple(range(t.dim()))[::-1]
+    return t.permute(dims).contiguous().permute(dims)
+
+
+@pytest.mark.parametrize("case", ["rank 7 alternating σ", "channels_last per-channel var", "channels_last per-element var"])
+def test_operands_seen_in_memory_order(case, gen):
+    """The kernels see every operand through ``x``'s memory order: values, gradients and output strides unchanged.
+
+    Rank 7 with σ alternating four times also takes the materialising fallback, in the permuted order.
+    """
+    if case == "rank 7 alternating σ":
+        shape = (2, 3, 2, 3, 2, 3, 2)
+        inputs = {"x": randn(gen, shape).requires_grad_(), "mean": randn(gen, shape).requires_grad_(),
+                  "log_sigma": randn(gen, (2, 1, 2, 1, 2, 1, 2), 0.5).requires_grad_()}
+        views = {"x": _memory_reversed, "mean": _memory_reversed}
+        for reduction in ("none", "sum", "per_sample"):
+            out = check(nll, {**inputs, "reduction": reduction}, torch.float32, gen, views=views)
+            if reduction == "none":
+                assert out[0].stride() == _memory_reversed(torch.empty(shape)).stride()
+        return
+    shape = (3, 4, 5, 6)
+    var_shape = (4, 1, 1) if "per-channel" in case else shape
+    inputs = {"input": randn(gen, shape).requires_grad_(), "target": randn(gen, shape).requires_grad_(),
+              "var": (torch.rand(var_shape, generator=gen, dtype=F64).to(DEVICE) + 0.1).requires_grad_()}
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+    for reduction in ("none", "sum", "batchmean"):
+        def fn(input, target, var, reduction=reduction):
+            return fv.gaussian_nll_loss(input, target, var, reduction=reduction)
+
+        out = check(fn, inputs, torch.float32, gen, views={"input": cl, "target": cl, "var": cl})
+        if reduction == "none":
+            assert out[0].is_contiguous(memory_format=torch.channels_last)

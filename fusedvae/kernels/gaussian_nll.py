@@ -304,18 +304,76 @@ def _zero_reduction(shape: tuple[int, ...], reduction: str, dtype: torch.dtype, 
     return torch.zeros((), dtype=dtype, device=device)
 
 
-def _forward_plan(a, b, small, shape, reduction, want_out):
-    """``(plan, v_full)``: a σ / variance of the full shape is read as a third full operand (``V_FULL``).
+def _memory_order(a: torch.Tensor, shape: tuple[int, ...], pin_batch: bool) -> tuple[int, ...] | None:
+    """The dims of ``shape`` in ``a``'s memory order (outermost first; dim 0 stays first when pinned), or None.
 
-    As a kept operand every element would be its own kept index: one tile per program, the program's
-    setup and final sum paid per 8 elements. Read in the tile loop like ``a``, a program walks many
-    tiles. The fake forward calls this too, so its output strides follow the same plan.
+    None when ``a`` is not dense of the full shape, or its dims are already in that order. Every operand
+    (and the output) is then seen through the same permutation: nothing in the loss depends on the dim
+    order, and channels-last or transposed tensors merge to the contiguous run they are in memory
+    (:func:`._common.merge_dims` merges in logical order only), so their loads vectorize.
     """
-    v_full = small is not None and tuple(small.shape) == tuple(shape)
+    n = len(shape)
+    if n < 2 or tuple(a.shape) != tuple(shape) or _common.dense_strides(a) is None:
+        return None
+    real = [d for d in range(n) if shape[d] != 1]
+    if all(a.stride(i) >= a.stride(j) for i, j in zip(real, real[1:])):
+        return None
+    first = [0] if pin_batch else []
+    rest = sorted((d for d in range(n) if d not in first), key=lambda d: (shape[d] != 1, -a.stride(d)))
+    return tuple(first + rest)
+
+
+def _permuted(t: torch.Tensor | None, perm: tuple[int, ...] | None, n: int) -> torch.Tensor | None:
+    """``t`` (broadcastable to rank ``n``) as a rank-``n`` view with its dims in ``perm`` order (a view, no copy)."""
+    if t is None or perm is None:
+        return t
+    return t[(None,) * (n - t.dim())].permute(perm)
+
+
+def _unpermute(strides, perm):
+    if perm is None or strides is None:
+        return strides
+    out = [0] * len(perm)
+    for i, d in enumerate(perm):
+        out[d] = strides[i]
+    return tuple(out)
+
+
+def _forward_plan(a, b, small, shape, reduction, want_out):
+    """``(plan, v_full, perm)``: the forward's view of the operands; the fake forward calls it too.
+
+    ``v_full``: a σ / variance of the full shape is read as a third full operand. As a kept operand
+    every element would be its own kept index: one tile per program, the program's setup and final
+    sum paid per 8 elements; read in the tile loop like ``a``, a program walks many tiles. ``perm``:
+    :func:`_memory_order` (the plan is over the permuted shape; outputs are permuted back).
+    """
+    shape = tuple(shape)
+    pin_batch = reduction == "per_sample"
+    v_full = small is not None and tuple(small.shape) == shape
+    perm = _memory_order(a, shape, pin_batch)
+    n = len(shape)
+    a, b, small = (_permuted(t, perm, n) for t in (a, b, small))
+    if perm is not None:
+        shape = tuple(shape[d] for d in perm)
     full = {"a": a, "b": b, "s": small} if v_full else {"a": a, "b": b}
     plan = _common.broadcast_plan(shape, full, None if v_full else small, out_like=a, want_out=want_out,
-                                  pin_batch=reduction == "per_sample")
-    return plan, v_full
+                                  pin_batch=pin_batch)
+    return plan, v_full, perm
+
+
+def _backward_plan(a, b, small, shape, grad, want_out):
+    """``(plan, perm)`` of the backward (:func:`_memory_order`, except for a per-element σ, whose gradient
+    the kernel writes in kept order: permuted, it would need a copy to the contiguous layout promised)."""
+    shape = tuple(shape)
+    per_element = small is not None and small.numel() == math.prod(shape)
+    perm = None if per_element else _memory_order(a, shape, False)
+    n = len(shape)
+    a, b, small, grad = (_permuted(t, perm, n) for t in (a, b, small, grad))
+    if perm is not None:
+        shape = tuple(shape[d] for d in perm)
+    plan = _common.broadcast_plan(shape, {"a": a, "b": b, "g": grad}, small, out_like=a, want_out=want_out,
+                                  pin_batch=False)
+    return plan, perm
 
 
 def _fast(op: int, a: torch.Tensor, cdtype: torch.dtype, eps: float) -> bool:
@@ -351,11 +409,11 @@ def _forward(
         return _zero_reduction(shape, reduction, cdtype, device)
     if reduction == "per_sample" and len(shape) == 0:
         raise ValueError("reduction 'per_sample' needs a batch dimension")
-    plan, v_full = _forward_plan(a, b, small, shape, reduction, want_out=reduction == "none")
+    plan, v_full, perm = _forward_plan(a, b, small, shape, reduction, want_out=reduction == "none")
     layout = plan.layout
     grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=False)
     if reduction == "none":
-        out = _common.empty(shape, out_dtype, device, plan.out_strides)
+        out = _common.empty(shape, out_dtype, device, _unpermute(plan.out_strides, perm))
         partial = out  # unused
     else:
         partial = _common.empty((grid.programs,), cdtype, device)
@@ -366,7 +424,7 @@ def _forward(
         s_ptr = plan.small if plan.small is not None else plan.full["a"]  # unused for the SSE
     has_s = v_full or plan.small is not None
     _gaussian_nll_fwd_kernel[(grid.programs,)](
-        plan.full["a"], plan.full["b"], s_ptr, out, partial,
+        plan.full["a"], plan.full["b"], s_ptr, out, partial,  # out: the plan's "o" strides address it as is
         layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
         grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
         *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if has_s else None)),
@@ -406,8 +464,8 @@ def _backward(
             torch.zeros_like(b) if need_b else None,
             torch.zeros_like(small) if need_s else None,
         )
-    plan = _common.broadcast_plan(shape, {"a": a, "b": b, "g": grad}, small, out_like=a, want_out=need_a or need_b,
-                                  pin_batch=False)
+    plan, perm = _backward_plan(a, b, small, shape, grad, want_out=need_a or need_b)
+    out_strides = _unpermute(plan.out_strides, perm)
     layout = plan.layout
     grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=need_s)
     # da / db go straight to the caller where the operand has the full shape; a broadcast operand (only
@@ -415,10 +473,10 @@ def _backward(
     da = db = None
     if need_a:
         direct = tuple(a.shape) == shape
-        da = _common.empty(shape, a.dtype if direct else cdtype, device, plan.out_strides)
+        da = _common.empty(shape, a.dtype if direct else cdtype, device, out_strides)
     if need_b:
         direct = tuple(b.shape) == shape
-        db = _common.empty(shape, b.dtype if direct else cdtype, device, plan.out_strides)
+        db = _common.empty(shape, b.dtype if direct else cdtype, device, out_strides)
     K = math.prod(layout.ksize)
     # One chunk: the buffer is the gradient itself, so it takes σ's dtype (the kernel rounds once, at the
     # store). Several: float partial sums, added in a fixed order below.
@@ -447,8 +505,13 @@ def _backward(
     ds = None
     if need_s:
         ds = ds_partial[0] if grid.n_rchunks == 1 else ds_partial.sum(dim=0)  # fixed order: deterministic
+        # ds is in the kept order of the (permuted) plan: σ's dims, row-major in the permuted order.
+        inverse = None if perm is None else tuple(sorted(range(len(perm)), key=perm.__getitem__))
         if plan.small_materialised:
-            ds = ds.view(shape).sum_to_size(small.shape)
+            ds = ds.view(tuple(shape[d] for d in perm) if perm else shape)
+            ds = (ds.permute(inverse) if perm else ds).sum_to_size(small.shape)
+        elif perm is not None:
+            ds = ds.reshape(_permuted(small, perm, len(shape)).shape).permute(inverse)
         ds = ds.reshape(small.shape).to(small.dtype)
     return da, db, ds
 
@@ -478,8 +541,8 @@ def _fake_forward(a, b, small, shape, reduction):
     out_dtype = result_dtype(a, b, small)
     if math.prod(shape) == 0:
         return a.new_empty(shape, dtype=out_dtype)
-    plan, _ = _forward_plan(a, b, small, shape, reduction, want_out=True)
-    return a.new_empty_strided(shape, plan.out_strides, dtype=out_dtype)
+    plan, _, perm = _forward_plan(a, b, small, shape, reduction, want_out=True)
+    return a.new_empty_strided(shape, _unpermute(plan.out_strides, perm), dtype=out_dtype)
 
 
 def _backward_outputs(a, b, small, shape, grads):
@@ -502,9 +565,8 @@ def _fake_backward(a, b, small, shape, grad, reduction, needs):
     if (need_a or need_b) and math.prod(shape) != 0:
         if reduction == "per_sample":
             grad = grad.reshape(grad.shape + (1,) * (len(shape) - 1))
-        plan = _common.broadcast_plan(shape, {"a": a, "b": b, "g": grad}, small, out_like=a, want_out=True,
-                                      pin_batch=False)
-        out_strides = plan.out_strides
+        plan, perm = _backward_plan(a, b, small, shape, grad, want_out=True)
+        out_strides = _unpermute(plan.out_strides, perm)
     outputs = []
     for i, (operand, needed) in enumerate(((a, need_a), (b, need_b), (small, need_s))):
         if not needed:
