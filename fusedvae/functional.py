@@ -141,8 +141,9 @@ def rsample(
         torch.Size([3, 4, 8])
     """
     _check_posterior(mu, logvar)
-    count = check.check_n_samples(n_samples)
-    check.check_generator(generator, mu.device)
+    count = 1 if n_samples is None else check.check_n_samples(n_samples)
+    if generator is not None:
+        check.check_generator(generator, mu.device)
     impl = _implementation(mu)
     if impl is native:  # z without the sample dimension, drawn so (no indexing node)
         return native.rsample_kl(mu, logvar, None, None, n_samples=n_samples, sample=True, kl=False,
@@ -231,8 +232,9 @@ def rsample_kl(
         >>> (z.sum() + kl).backward()
     """
     prior_mu, prior_logvar = _check_posterior(mu, logvar, prior_mu, prior_logvar)
-    count = check.check_n_samples(n_samples)
-    check.check_generator(generator, mu.device)
+    count = 1 if n_samples is None else check.check_n_samples(n_samples)
+    if generator is not None:
+        check.check_generator(generator, mu.device)
     check.check_reduction(reduction, check.KL_REDUCTIONS)
     check.check_batched("mu", mu, reduction)
     free_bits = check.check_free_bits(free_bits, reduction)

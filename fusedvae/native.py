@@ -208,20 +208,19 @@ class _SampleKL(torch.autograd.Function):
                 saved = torch.expm1(d)
                 kl = _reduce(0.5 * (_g_exact(d, "none") + weighted * diff), reduction).to(mu.dtype)
         ctx.save_for_backward(noise, saved, diff, weight)
-        ctx.want_kl, ctx.reduction, ctx.scale, ctx.from_half = want_kl, reduction, scale, from_half
-        ctx.stacked = eps is not None and eps.dim() > mu.dim()
-        ctx.prior_shapes = (None if prior_mu is None else prior_mu.shape,
-                            None if prior_logvar is None else prior_logvar.shape)
+        ctx.info = (want_kl, reduction, scale, from_half, eps is not None and eps.dim() > mu.dim(),
+                    None if prior_mu is None else prior_mu.shape, None if prior_logvar is None else prior_logvar.shape)
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         noise, expm1_saved, diff, weight = ctx.saved_tensors
+        want_kl, reduction, scale, from_half, stacked, prior_mu_shape, prior_logvar_shape = ctx.info
         need_mu, need_lv, need_pmu, need_plv = ctx.needs_input_grad[:4]
         d_mu = d_lv = d_pmu = d_plv = None
         # z = mu + noise: dz/dmu = 1 (summed over the K samples), dz/dlv = noise / 2
         if noise is not None and grad_z is not None:
-            if ctx.stacked:
+            if stacked:
                 several = grad_z.shape[0] > 1
                 if need_mu:
                     d_mu = grad_z.sum(0) if several else grad_z[0]
@@ -232,18 +231,18 @@ class _SampleKL(torch.autograd.Function):
                 d_lv = grad_z * noise if need_lv else None
             if d_lv is not None:
                 d_lv.mul_(0.5)
-        if ctx.want_kl and grad_kl is not None:
-            g = _grad_like(grad_kl, ctx.reduction, diff.dim())
-            if ctx.scale != 1.0:
-                g = g * ctx.scale
+        if want_kl and grad_kl is not None:
+            g = _grad_like(grad_kl, reduction, diff.dim())
+            if scale != 1.0:
+                g = g * scale
             # dkl/dmu = (mu - mu_p) e^{-lv_p} = -dkl/dmu_p; dkl/dlv = (e^d - 1) / 2
             weighted_g = diff * g if weight is None else diff * (weight * g)
             if need_mu:
                 d_mu = weighted_g if d_mu is None else d_mu + weighted_g
             if need_pmu:
-                d_pmu = (-weighted_g).sum_to_size(ctx.prior_shapes[0])
+                d_pmu = (-weighted_g).sum_to_size(prior_mu_shape)
             if need_lv or need_plv:
-                if ctx.from_half:  # expm1(lv) = t (t + 2), t = expm1(lv / 2)
+                if from_half:  # expm1(lv) = t (t + 2), t = expm1(lv / 2)
                     half_expm1 = torch.add(expm1_saved, 2.0).mul_(expm1_saved).mul_(0.5 * g)
                 else:
                     half_expm1 = expm1_saved * (0.5 * g)
@@ -252,7 +251,7 @@ class _SampleKL(torch.autograd.Function):
                 if need_plv:
                     # dkl/dlv_p = (1 - e^d - (mu - mu_p)^2 e^{-lv_p}) / 2
                     d_plv = torch.addcmul(half_expm1, weighted_g, diff, value=0.5).neg_()
-                    d_plv = d_plv.sum_to_size(ctx.prior_shapes[1])
+                    d_plv = d_plv.sum_to_size(prior_logvar_shape)
         return d_mu, d_lv, d_pmu, d_plv, None, None, None, None, None
 
 
@@ -293,8 +292,10 @@ def rsample_kl(
     if not _all_float32(*inputs):
         dtype = compute_dtype(*inputs)
         inputs = tuple(_to(t, dtype) for t in inputs)
-    shape = mu.shape if n_samples is None else (n_samples, *mu.shape)
-    eps = _noise(shape, dtype, mu.device, generator) if sample else None
+    eps = None
+    if sample:
+        shape = mu.shape if n_samples is None else (n_samples, *mu.shape)
+        eps = _noise(shape, dtype, mu.device, generator)
     z, value = _SampleKL.apply(*inputs, eps, kl, reduction, scale, try_exp)
     if z is not None and z.dtype != mu.dtype:
         z = z.to(result_dtype(mu, logvar))
