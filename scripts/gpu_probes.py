@@ -188,20 +188,25 @@ def _compiled_kernels(jit_fn) -> dict:
     return found
 
 
+def occupancy(regs: int, warps: int, shared: int, programs: int, sm_count: int) -> tuple[int, float]:
+    """Programs an SM holds (registers in units of 256 per warp, 64 warps and 32 programs per SM, 228 KiB of
+    shared memory with 1 KiB reserved per program: sm_90's limits) and the waves ``programs`` make on ``sm_count``."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    per_sm = min(32, 65536 // max(regs_per_warp * warps, 1), 64 // warps)
+    if shared:
+        per_sm = min(per_sm, (228 * 1024) // (shared + 1024))
+    return per_sm, programs / (max(per_sm, 1) * sm_count)
+
+
 def _occupancy(kernel, programs: int, device: torch.device) -> str:
-    """Registers, spills, warps, and the programs an SM holds (registers, warps and shared memory) and the waves."""
+    """Registers, spills, warps, and the programs an SM holds and the waves, of a compiled Triton kernel."""
     regs = getattr(kernel, "n_regs", None)
     meta = getattr(kernel, "metadata", None)
     warps = getattr(meta, "num_warps", None)
     if regs is None or warps is None or device.type != "cuda":
         return "kernel info n/a"
-    props = torch.cuda.get_device_properties(device)
-    regs_per_warp = -(-regs * 32 // 256) * 256  # allocated per warp in units of 256
-    per_sm = min(32, 65536 // max(regs_per_warp * warps, 1), 64 // warps)
     shared = getattr(meta, "shared", 0) or 0
-    if shared:
-        per_sm = min(per_sm, (228 * 1024) // (shared + 1024))
-    waves = programs / (per_sm * props.multi_processor_count)
+    per_sm, waves = occupancy(regs, warps, shared, programs, torch.cuda.get_device_properties(device).multi_processor_count)
     return (f"{regs} regs, {getattr(kernel, 'n_spills', 0)} spills, {warps} warps, {shared} B shared: "
             f"{per_sm} programs/SM, {programs} programs = {waves:.2f} waves")
 

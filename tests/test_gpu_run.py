@@ -127,3 +127,33 @@ def test_summary_micro_table_compares_the_largest_full_case():
     assert cells[9] == "2.1 launch-bound"  # the host path took longer than the timed call: it was the time measured
     rows[-1]["host_ms"] = "0.4"
     assert gpu_summary.micro_table(rows)[2].rstrip(" |").endswith("| 0.4")
+
+
+def test_probe_occupancy_counts_programs_per_sm_and_waves():
+    import gpu_probes
+
+    # the launcher's grid at 131072x512 (2115 programs of 4 warps) on an H200's 132 SMs
+    assert gpu_probes.occupancy(56, 4, 16, 2115, 132) == (9, 2115 / (9 * 132))  # 56 regs: 9 programs of 4 warps
+    assert gpu_probes.occupancy(64, 4, 0, 2115, 132)[0] == 8
+    assert gpu_probes.occupancy(32, 4, 0, 2112, 132) == (16, 1.0)  # warps, not registers, limit: 64 / 4
+    assert gpu_probes.occupancy(40, 8, 100 * 1024, 132, 132)[0] == 2  # shared memory limits
+
+
+def test_ncu_parse_names_the_cases_and_reads_the_sections(tmp_path):
+    raw = tmp_path / "raw.csv"
+    header = ('"ID","Kernel Name","Grid Size","Block Size","dram__bytes_read.sum","dram__bytes_write.sum",'
+              '"gpu__time_duration.sum","smsp__inst_executed.sum","launch__registers_per_thread",'
+              '"launch__waves_per_multiprocessor","sm__warps_active.avg.pct_of_peak_sustained_active",'
+              '"gpc__cycles_elapsed.avg.per_second"\n')
+    units = '"","","","","byte","byte","nsecond","inst","register/thread","","%","cycle/second"\n'
+    lines = [f'"{i}","_sample_kl_forward_kernel","(2115, 1, 1)","(128, 1, 1)","8,192","4,096","1,000","256",'
+             f'"{56 + i}","1.78","40.5","1,755,000,000"\n' for i in range(len(ncu_probe.CASES))]
+    raw.write_text(header + units + "".join(lines))
+    rows = ncu_probe.parse(str(raw), numel=1024)
+    assert [r["case"] for r in rows] == list(ncu_probe.CASES)
+    assert rows[1]["static_inst_per_elem"] == ncu_probe.STATIC["rsample_kl standard"]
+    assert rows[1]["registers"] == 57 and rows[0]["waves"] == 1.78 and rows[0]["occupancy_pct"] == 40.5
+    assert rows[0]["sm_ghz"] == 1.755 and rows[0]["inst_per_elem"] == 8.0
+    assert ncu_probe.parse(str(raw), numel=1024)[-1]["dram_read_b_per_elem"] == 8.0
+    raw.write_text(header + units + lines[0])  # fewer launches than cases: no names guessed
+    assert ncu_probe.parse(str(raw), numel=1024)[0]["case"] == ""
