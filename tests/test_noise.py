@@ -130,25 +130,54 @@ def test_the_two_kernel_paths_draw_the_same_bits(gen, monkeypatch, cols):
     torch.testing.assert_close(results[0][0].double(), want, rtol=1e-5, atol=atol)
 
 
+class _GridSpy:
+    """Stands for a JIT kernel: records each launch's grid, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("offset", [2**33 + 8, 2**33 + 7])
-def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypatch, offset):
-    """A posterior too small to fill the device: samples become rows across programs, the same bits as the loop."""
+@pytest.mark.parametrize("prior", [False, True])
+def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypatch, offset, prior):
+    """A posterior too small to fill the device: samples spread across programs, forward (the same bits as the
+    loop) and backward (per-chunk sums added by torch: the loop's gradients to rounding)."""
     mu = torch.randn(3, 4, generator=gen).to(DEVICE).requires_grad_()
     lv = torch.randn(3, 4, generator=gen).to(DEVICE).requires_grad_()
+    plv = torch.randn(4, generator=gen).to(DEVICE).requires_grad_() if prior else None
+    gz, gk = torch.randn(64, 3, 4, generator=gen).to(DEVICE), torch.randn(3, generator=gen).to(DEVICE)
     kw = dict(n_samples=64, seed=77, offset=offset, sample=True, kl=True, reduction="per_sample")
+    leaves = [mu, lv] + ([plv] if prior else [])
     launches = []
     real = ksample_kl._samples_as_rows
     monkeypatch.setattr(ksample_kl, "_samples_as_rows", lambda *a: launches.append(a) or real(*a))
-    spread = ksample_kl.rsample_kl(mu, lv, None, None, **kw)
+    backward = _GridSpy(ksample_kl._sample_kl_backward_kernel)
+    monkeypatch.setattr(ksample_kl, "_sample_kl_backward_kernel", backward)
+    spread = ksample_kl.rsample_kl(mu, lv, None, plv, **kw)
+    spread_grads = torch.autograd.grad(spread, leaves, [gz, gk])
     assert len(launches) == 1
+    assert backward.grids[0][1] > 1 and len(backward.grids) == 2  # samples in chunks; the KL's part apart
     monkeypatch.setattr(ksample_kl._common, "target_programs", lambda device: 1)  # the posterior "fills" it
-    looped = ksample_kl.rsample_kl(mu, lv, None, None, **kw)
+    looped = ksample_kl.rsample_kl(mu, lv, None, plv, **kw)
+    looped_grads = torch.autograd.grad(looped, leaves, [gz, gk])
     assert len(launches) == 1
+    assert len(backward.grids) == 3 and backward.grids[2][1] == 1
     for a, b in zip(spread, looped):
         assert torch.equal(a, b)
+    for a, b in zip(spread_grads, looped_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=64, seed=77, offset=offset)
     atol = 1e-5 + FAST_EPS_ABS * torch.exp(0.5 * lv.detach()).max().item()
     torch.testing.assert_close(spread[0].double(), want, rtol=1e-5, atol=atol)
+    up = [t.detach().double().requires_grad_() for t in leaves]
+    z_ref, kl_ref = reference.rsample_kl(up[0], up[1], None, up[2] if prior else None, **kw)
+    want_grads = torch.autograd.grad((z_ref, kl_ref), up, [gz.double(), gk.double()])
+    for got, expected in zip(spread_grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=atol * 8)
 
 
 # The FAST path (fusedvae.kernels.fastmath) is inline PTX: the interpreter cannot run it, so its code is checked

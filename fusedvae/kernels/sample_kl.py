@@ -115,10 +115,14 @@ def _sample_kl_forward_kernel(
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, KL_DTYPE)
                 d = d - plv
                 maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST)
-            if SAMPLE and not HAS_PLV and KL_DTYPE == SAMPLE_DTYPE:  # e^lv = sd^2: a multiply, not a second exp
-                g, _ = _exp_minus_one_minus_x_given(d, sd * sd, KL_DTYPE == tl.float64)
-            else:
+            if HAS_PLV:
                 g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST)
+            else:  # e^lv = sd^2 on every path (z drawn or not: the same KL): where z is drawn, a multiply, not an exp
+                if SAMPLE and KL_DTYPE == SAMPLE_DTYPE:
+                    half = sd
+                else:
+                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5)
+                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64)
             acc = emit_step(0.5 * (g + maha), acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE)
     emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE)
 
@@ -127,8 +131,8 @@ def _sample_kl_forward_kernel(
 def _sample_kl_backward_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dz_ptr, gkl_ptr,  # dz: z's incoming gradient; gkl: the KL's, over mu's shape
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # None when not needed; prior grads elementwise or partial buffers
-    mu_st, lv_st, pmu_st, plv_st, dz_st, gkl_st, out_st, dz_sk,  # dz_sk: dz's stride between samples
-    B, N, dims, numel, n_samples, key_ptr, n_col_blocks, row_steps,  # key_ptr: int64 [seed, offset]
+    mu_st, lv_st, pmu_st, plv_st, dz_st, gkl_st, out_st, dz_sk, chunk_st,  # dz_sk: dz's stride between samples
+    B, N, dims, numel, n_samples, chunk_samples, key_ptr, n_col_blocks, row_steps,  # key_ptr: int64 [seed, offset]
     HAS_DZ: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
@@ -136,6 +140,16 @@ def _sample_kl_backward_kernel(
     FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
+    # Samples spread across programs (grid axis 1): chunk pid_s takes samples k0 .. k0 + chunk_samples - 1 and
+    # writes its sums to its own slice of dmu / dlv (chunk_st apart), which torch adds. One chunk otherwise.
+    pid_s = tl.program_id(1)
+    if INT64:
+        pid_s = pid_s.to(tl.int64)
+    k0 = pid_s * chunk_samples
+    if WRITE_DMU:
+        dmu_ptr += pid_s * chunk_st
+    if WRITE_DLV:
+        dlv_ptr += pid_s * chunk_st
     lv_col = column_offsets(cols, dims, lv_st, INNER_RANK)
     out_col = column_offsets(cols, dims, out_st, INNER_RANK)
     if HAS_GKL:
@@ -163,10 +177,10 @@ def _sample_kl_backward_kernel(
         if HAS_DZ:
             # dz/dmu = 1, dz/dlv = exp(lv/2) eps / 2, summed over the samples; eps regenerated.
             sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
-            dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :]
+            dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :] + k0 * dz_sk
             dz_eps = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
-            first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)
-            for _ in range(0, n_samples):
+            first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N) + k0.to(tl.int64) * numel
+            for _ in range(k0, tl.minimum(k0 + chunk_samples, n_samples)):
                 dz = tl.load(dz_base, mask=mask, other=0.0).to(GRAD_DTYPE)
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
                                          dz_ptr.dtype.element_ty.primitive_bitwidth == 16)
@@ -187,10 +201,15 @@ def _sample_kl_backward_kernel(
                 weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
             else:
                 weighted = diff
-            if HAS_DZ and not HAS_PLV and GRAD_DTYPE == SAMPLE_DTYPE:  # e^lv = sd^2: a multiply, not a second exp
-                _, em1 = _exp_minus_one_minus_x_given(d, sd * sd, GRAD_DTYPE == tl.float64)
+            # dkl/dlv = (e^d - 1) / 2; e^lv = sd^2 without a prior log-variance, as in the forward
+            if HAS_PLV:
+                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)
             else:
-                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)  # dkl/dlv = (e^d - 1) / 2
+                if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE:
+                    half = sd
+                else:
+                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5)
+                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64)
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if PMU_MODE != OFF:  # dkl/dmu_p = -dkl/dmu
@@ -212,6 +231,10 @@ def _sample_kl_backward_kernel(
 # Launchers                                                                                     #
 # --------------------------------------------------------------------------------------------- #
 
+#: The backward spreads samples across programs (when the posterior alone leaves the device idle) from this many
+#: on: the chunks' sums are added by torch, so dlogvar then matches the one-program loop to rounding, not bit for
+#: bit; below it the loop is short anyway.
+SPREAD_MIN_SAMPLES = 8
 #: Tests set ``(BLOCK_B, BLOCK_N, row_steps)`` here to force many small programs (forward and
 #: backward may be given different tilings: the noise is keyed by the logical index).
 TILING_OVERRIDE: tuple[int, int, int] | None = None
@@ -331,8 +354,6 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
     if grad_z is not None and operands[4] is not dz_elem:
         grad_z = grad_z.contiguous()  # the rare fallback layout: dz copied along with its first sample
     tiling = _common.row_tiling(view.rows, view.cols, device, TILING_OVERRIDE)
-    dmu = _common.empty(shape, mu.dtype, device, out_strides) if need_mu else None
-    dlv = _common.empty(shape, logvar.dtype, device, out_strides) if need_lv else None
 
     def prior_buffer(prior, needed):  # (mode the kernel runs, buffer, mode None: a full-size grad torch sums)
         mode = _common.grad_mode(prior, shape2) if needed else OFF
@@ -347,20 +368,49 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
     pmu_mode, dpmu, pmu_kind = prior_buffer(prior_mu, need_pmu)
     plv_mode, dplv, plv_kind = prior_buffer(prior_logvar, need_plv)
     mu_e, lv_e, pmu_e, plv_e, _, gkl_e = operands
-    _sample_kl_backward_kernel[(tiling.n_col_blocks * tiling.n_row_chunks,)](
-        mu_e, lv_e, pmu_e, plv_e, grad_z, gkl_e, dmu, dlv, dpmu, dplv,
-        *view.strides, grad_z.stride(0) if grad_z is not None else 0,
-        view.rows, view.cols, view.dims, mu.numel(), n_samples, key, tiling.n_col_blocks, tiling.row_steps,
-        HAS_DZ=grad_z is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), HAS_GKL=gkl_e is not None,
-        HAS_PMU=pmu_e is not None,
-        HAS_PLV=plv_e is not None, WRITE_DMU=need_mu, WRITE_DLV=need_lv,
-        PMU_MODE=pmu_mode, PLV_MODE=plv_mode,
-        INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),
-        GRAD_DTYPE=_common.tl_dtype(grad_dtype),
-        INT64=_common.row_view_needs_int64(view, tiling, n_samples, grad_z.stride(0) if grad_z is not None else 0),
-        FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
-        num_warps=tiling.num_warps,
-    )
+    dz_sk = grad_z.stride(0) if grad_z is not None else 0
+    programs = tiling.n_col_blocks * tiling.n_row_chunks
+
+    def launch(dz, gkl_t, pmu_t, plv_t, dmu_t, dlv_t, dpmu_t, dplv_t, pmu_m, plv_m, chunks=1, chunk_samples=n_samples):
+        _sample_kl_backward_kernel[(programs, chunks)](
+            mu_e, lv_e, pmu_t, plv_t, dz, gkl_t, dmu_t, dlv_t, dpmu_t, dplv_t,
+            *view.strides, dz_sk, mu.numel(),
+            view.rows, view.cols, view.dims, mu.numel(), n_samples, chunk_samples, key, tiling.n_col_blocks,
+            tiling.row_steps,
+            HAS_DZ=dz is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), HAS_GKL=gkl_t is not None,
+            HAS_PMU=pmu_t is not None,
+            HAS_PLV=plv_t is not None, WRITE_DMU=dmu_t is not None, WRITE_DLV=dlv_t is not None,
+            PMU_MODE=pmu_m, PLV_MODE=plv_m,
+            INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),
+            GRAD_DTYPE=_common.tl_dtype(grad_dtype),
+            INT64=_common.row_view_needs_int64(view, tiling, n_samples, dz_sk),
+            FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
+            num_warps=tiling.num_warps,
+        )
+
+    chunks = 1
+    if (grad_z is not None and n_samples >= SPREAD_MIN_SAMPLES and (need_mu or need_lv)
+            and programs < _common.target_programs(device)):
+        chunk_samples = triton.cdiv(n_samples, min(n_samples, triton.cdiv(_common.target_programs(device), programs)))
+        chunks = triton.cdiv(n_samples, chunk_samples)
+    if chunks == 1:
+        dmu = _common.empty(shape, mu.dtype, device, out_strides) if need_mu else None
+        dlv = _common.empty(shape, logvar.dtype, device, out_strides) if need_lv else None
+        launch(grad_z, gkl_e, pmu_e, plv_e, dmu, dlv, dpmu, dplv, pmu_mode, plv_mode)
+    else:
+        # Many samples, few elements (IWAE): the samples spread across programs, each chunk's sums in its own
+        # slice of a (chunks, *shape) buffer added by torch in a fixed order; the KL's part in a second launch.
+        part_strides = (mu.numel(), *out_strides)
+        parts = [_common.empty((chunks, *shape), grad_dtype, device, part_strides) if need else None
+                 for need in (need_mu, need_lv)]
+        launch(grad_z, None, None, None, *parts, None, None, OFF, OFF, chunks, chunk_samples)
+        sums = [None if p is None else p.sum(0) for p in parts]
+        if gkl_e is not None:
+            kl_parts = [_common.empty(shape, grad_dtype, device, out_strides) if need else None
+                        for need in (need_mu, need_lv)]
+            launch(None, gkl_e, pmu_e, plv_e, *kl_parts, dpmu, dplv, pmu_mode, plv_mode)
+            sums = [None if s is None else s + k for s, k in zip(sums, kl_parts)]
+        dmu, dlv = (None if s is None else s.to(t.dtype) for s, t in zip(sums, (mu, logvar)))
 
     def finish_prior(prior, kind, buffer):
         if buffer is None:
