@@ -15,9 +15,9 @@
 #   step          cap  est  what                                                               -> output
 #   env            20    5  GPU, driver, clocks, torch, triton, copy bandwidth (gpu_env.py)     -> env.json
 #   parity-*      100   25  python -m fusedvae.parity --device cuda, one process per dtype      -> parity_<dtype>.json
-#   pytest        100   45  the kernel and compile tests on CUDA, -x (xdist -n 4 where present) -> pytest.xml
+#   pytest        100   70  the kernel and compile tests on CUDA (237), -x, xdist -n 6 where present -> pytest.xml
 #   capture       100   25  torch.compile (inductor, fullgraph), a replayed CUDA graph          -> capture_checks.jsonl
-#   warm           80   75  beside the three above, untimed: one process per later timed step fills the
+#   warm           80   80  beside the three above, untimed: one process per later timed step fills the
 #                           inductor and Triton caches on disk (compiles only: --modes full, 1 ms of
 #                           timing); the timed steps then load kernels instead of compiling them.
 #                           Cut at its cap without failing the run (logs/warm-*.log)
@@ -35,7 +35,8 @@
 #   train-rest     50   25  conv σ-VAE (optimal σ) and the MLP VAE, as train                    -> train.csv
 #   micro-mid      40   25  float32 at the mid size (launch-bound on a GPU: the host path's cost) -> micro.csv
 #   report         25   10  python -m bench report, then the summary table printed last         -> REPORT.md, SUMMARY.md
-# Estimates sum to ~270 s of the 345 (the caps, which only bound a step that misbehaves, sum to more).
+# Estimates sum to ~310 s of the 345, the correctness phase (~80 s) included (the caps, which only bound a step
+# that misbehaves, sum to more); should the estimates be short, the last steps are the ones skipped.
 # The correctness steps and warm run side by side: none of them is timed.
 # Results are written as they are measured (CSV rows as they come) and after every phase the results
 # folder is packed again, so an interrupted run keeps what it did. $OUT receives three files:
@@ -178,7 +179,7 @@ if (( DRY )); then
 else
   PARITY_OPS=""
   PYTEST_ARGS="-x --junitxml=$RESULTS/pytest.xml"
-  if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS="$PYTEST_ARGS -n 4"; fi  # Triton compiles in parallel
+  if "$PY" -c "import xdist" 2>/dev/null; then PYTEST_ARGS="$PYTEST_ARGS -n 6"; fi  # Triton compiles in parallel
   CAPTURE_ARGS=""
 fi
 # One process per timed step, in parallel (16 cores), each under its own timeout; rows go to $WORK, never to
