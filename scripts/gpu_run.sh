@@ -80,6 +80,7 @@ else
   fi
 fi
 SLUG=$("$PY" -c "from bench.device import device_slug; print(device_slug('$DEVICE'))") || exit 2
+[[ $SLUG =~ ^[a-z0-9][a-z0-9._-]*$ ]] || { echo "gpu_run: unusable device slug '$SLUG'"; exit 2; }  # rm -rf below
 WORK=$(mktemp -d)  # scratch: the warm step's throwaway CSVs; the dry run's results (never the committed ones)
 if (( DRY )); then
   RESULTS="$WORK/results/dry-run-$SLUG"
