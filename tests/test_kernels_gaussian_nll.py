@@ -627,3 +627,23 @@ def test_operands_seen_in_memory_order(case, gen):
         out = check(fn, inputs, torch.float32, gen, views={"input": cl, "target": cl, "var": cl})
         if reduction == "none":
             assert out[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_per_element_sigma_gradient_follows_x_layout(layout, gen):
+    """A per-element σ's gradient is written in x's memory order (no copy); the fake backward says the same."""
+    shape = (2, 3, 4, 5)
+    x, m, s = (randn(gen, shape).float() for _ in range(3))
+    if layout == "channels_last":
+        x, s = (t.contiguous(memory_format=torch.channels_last) for t in (x, s))
+    else:
+        x, s = (t.transpose(1, 3).contiguous().transpose(1, 3) for t in (x, s))
+    g = torch.rand(shape, generator=gen, dtype=F64).float().to(DEVICE)
+    args = (g, x, m, s, "none", True, True, True)
+    torch.library.opcheck(torch.ops.fusedvae.gaussian_nll_backward, args, test_utils=("test_faketensor",))
+    ds = torch.ops.fusedvae.gaussian_nll_backward(*args)[2]
+    assert ds.stride() == x.stride()
+    var = s.abs() + 0.1
+    args = (g, x, m, var, 1e-6, "none", True, True, True)
+    torch.library.opcheck(torch.ops.fusedvae.gaussian_nll_var_backward, args, test_utils=("test_faketensor",))
+    assert torch.ops.fusedvae.gaussian_nll_var_backward(*args)[2].stride() == x.stride()

@@ -362,11 +362,9 @@ def _forward_plan(a, b, small, shape, reduction, want_out):
 
 
 def _backward_plan(a, b, small, shape, grad, want_out):
-    """``(plan, perm)`` of the backward (:func:`_memory_order`, except for a per-element σ, whose gradient
-    the kernel writes in kept order: permuted, it would need a copy to the contiguous layout promised)."""
+    """``(plan, perm)`` of the backward, over the dims in :func:`_memory_order`; the fake backward calls it too."""
     shape = tuple(shape)
-    per_element = small is not None and small.numel() == math.prod(shape)
-    perm = None if per_element else _memory_order(a, shape, False)
+    perm = _memory_order(a, shape, False)
     n = len(shape)
     a, b, small, grad = (_permuted(t, perm, n) for t in (a, b, small, grad))
     if perm is not None:
@@ -383,6 +381,16 @@ def _fast(op: int, a: torch.Tensor, cdtype: torch.dtype, eps: float) -> bool:
 
 def _flat(layout) -> bool:
     return layout.rsize[0] == 1 and layout.rsize[1] == 1
+
+
+def _per_element_grad_strides(perm, shape) -> tuple[int, ...]:
+    """A per-element σ's gradient: contiguous in the order the backward kernel walks (``x``'s memory order).
+
+    The kernel writes it as its one row of kept partials, in kept order, so it needs no copy; the
+    fake backward promises the same strides.
+    """
+    shape_p = tuple(shape[d] for d in perm) if perm else tuple(shape)
+    return _unpermute(_common.contiguous_strides(shape_p), perm)
 
 
 def _forward(
@@ -481,7 +489,11 @@ def _backward(
     # One chunk: the buffer is the gradient itself, so it takes σ's dtype (the kernel rounds once, at the
     # store). Several: float partial sums, added in a fixed order below.
     ds_partial = None
-    if need_s:
+    per_element = need_s and tuple(small.shape) == shape
+    if per_element:  # one chunk (nothing is reduced): the gradient itself, in the kernel's kept order
+        assert grid.n_rchunks == 1
+        ds_partial = _common.empty(shape, small.dtype, device, _per_element_grad_strides(perm, shape))
+    elif need_s:
         ds_dtype = small.dtype if grid.n_rchunks == 1 and not plan.small_materialised else cdtype
         ds_partial = _common.empty((grid.n_rchunks, K), ds_dtype, device)
     dummy = plan.full["a"]
@@ -503,7 +515,9 @@ def _backward(
     if db is not None and tuple(b.shape) != shape:
         db = db.sum_to_size(b.shape).to(b.dtype)
     ds = None
-    if need_s:
+    if per_element:
+        ds = ds_partial
+    elif need_s:
         ds = ds_partial[0] if grid.n_rchunks == 1 else ds_partial.sum(dim=0)  # fixed order: deterministic
         # ds is in the kept order of the (permuted) plan: σ's dims, row-major in the permuted order.
         inverse = None if perm is None else tuple(sorted(range(len(perm)), key=perm.__getitem__))
@@ -548,29 +562,32 @@ def _fake_forward(a, b, small, shape, reduction):
 def _backward_outputs(a, b, small, shape, grads):
     """Gradients of ``_backward`` as op outputs: placeholders for None, contiguous where the fake says so."""
     outputs = []
-    for i, (operand, g) in enumerate(zip((a, b, small), grads)):
+    for operand, g in zip((a, b, small), grads):
         if g is None:
             outputs.append(_custom_op.absent(a))
-        elif i == 2 or tuple(operand.shape) != shape or math.prod(shape) == 0:
+        elif tuple(operand.shape) != shape or math.prod(shape) == 0:
             outputs.append(_custom_op.dense(g))
         else:
-            outputs.append(g)  # allocated with _plan's out_strides
+            outputs.append(g)  # allocated with the plan's out_strides, or _per_element_grad_strides (σ)
     return tuple(outputs)
 
 
 def _fake_backward(a, b, small, shape, grad, reduction, needs):
     """The outputs of :func:`_backward_outputs` without launching."""
     need_a, need_b, need_s = needs[0], needs[1], needs[2] and small is not None
-    out_strides = None
-    if (need_a or need_b) and math.prod(shape) != 0:
+    out_strides = ds_strides = None
+    if (need_a or need_b or need_s) and math.prod(shape) != 0:
         if reduction == "per_sample":
             grad = grad.reshape(grad.shape + (1,) * (len(shape) - 1))
-        plan, perm = _backward_plan(a, b, small, shape, grad, want_out=True)
+        plan, perm = _backward_plan(a, b, small, shape, grad, want_out=need_a or need_b)
         out_strides = _unpermute(plan.out_strides, perm)
+        ds_strides = _per_element_grad_strides(perm, shape)
     outputs = []
     for i, (operand, needed) in enumerate(((a, need_a), (b, need_b), (small, need_s))):
         if not needed:
             outputs.append(_custom_op.absent(a))
+        elif i == 2 and tuple(operand.shape) == shape and ds_strides is not None:
+            outputs.append(operand.new_empty_strided(shape, ds_strides))
         elif i == 2 or tuple(operand.shape) != shape or out_strides is None:
             outputs.append(operand.new_empty(operand.shape))
         else:
