@@ -11,7 +11,10 @@ The broadcast operand (``log_sigma`` or ``var``) is read by strides, never mater
 kept x reduced view of :mod:`._common` (a per-channel σ on ``(B, C, H, W)`` is kept ``(C,)`` x
 reduced ``(B, H*W)``; a scalar σ reduced ``(N,)``; a per-element σ kept ``(N,)``): σ and ``exp(-σ)``
 are computed once per kept index, and σ's gradient is a per-program partial sum finished in fixed
-order. ``"sum"`` / ``"per_sample"`` write one partial per program.
+order. ``"sum"`` / ``"per_sample"`` write one partial per program. Two exceptions: the forward reads a
+per-element σ / variance in the tile loop like x (``V_FULL``: as kept indices each program would own
+one tile, its setup and final sum paid per 8 elements), and every kernel sees the dims in x's memory
+order (channels-last and transposed tensors merge to one contiguous run, so their loads vectorize).
 
 Bytes moved (N elements of b bytes each; σ small unless per element; P = programs, a few per SM)
 ------------------------------------------------------------------------------------------------
@@ -38,8 +41,14 @@ way. So the backward recomputes ``r`` from x, m and σ in one pass.
 
 Numerics: compute in float32 (float64 for float64 inputs); half inputs are loaded then upcast.
 float32 ``exp`` / ``log`` are :mod:`._common`'s libdevice-free <= 1 ulp forms (identical on a GPU
-and in the interpreter); divisions use IEEE ``div_rn``. ``dnll/dm`` is formed as ``-r e^{-s}``,
-never through ``e^{-2s}`` (which overflows for s < -44 in float32).
+and in the interpreter); a variance clamped to a normal ``eps`` takes :func:`_log_clamped_f32`
+(<= 1.06 ulp measured, no special cases). Divisions use IEEE ``div_rn``, except on the ``FAST`` path
+(float32 CUDA tensors and, for the variance, ``eps >= 2^-126``; :mod:`.fastmath`): there ``x / v`` is
+``x * rcp.approx(v)``, within 1.5 ulp (rcp.approx: 1 ulp, PTX ISA; ``v >= 2^126`` flushes 1/v to 0, an
+absolute error below 2^-126 |x|). The interpreter has no inline PTX and runs the IEEE path, so the
+FAST path's numbers are checked on a GPU (``python -m fusedvae.parity --device cuda``) and its code by
+compiling for sm_90 on CPU (tests). ``dnll/dm`` is formed as ``-r e^{-s}``, never through
+``e^{-2s}`` (which overflows for s < -44 in float32).
 """
 
 from __future__ import annotations
