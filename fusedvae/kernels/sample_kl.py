@@ -133,23 +133,26 @@ def _sample_kl_backward_kernel(
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # None when not needed; prior grads elementwise or partial buffers
     mu_st, lv_st, pmu_st, plv_st, dz_st, gkl_st, out_st, dz_sk, chunk_st,  # dz_sk: dz's stride between samples
     B, N, dims, numel, n_samples, chunk_samples, key_ptr, n_col_blocks, row_steps,  # key_ptr: int64 [seed, offset]
-    HAS_DZ: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr,
+    HAS_DZ: tl.constexpr, SPREAD: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_GKL: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, INT64: tl.constexpr,
     FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
-    # Samples spread across programs (grid axis 1): chunk pid_s takes samples k0 .. k0 + chunk_samples - 1 and
-    # writes its sums to its own slice of dmu / dlv (chunk_st apart), which torch adds. One chunk otherwise.
-    pid_s = tl.program_id(1)
-    if INT64:
-        pid_s = pid_s.to(tl.int64)
-    k0 = pid_s * chunk_samples
-    if WRITE_DMU:
-        dmu_ptr += pid_s * chunk_st
-    if WRITE_DLV:
-        dlv_ptr += pid_s * chunk_st
+    k0 = 0
+    k1 = n_samples
+    if SPREAD:  # samples across programs (grid axis 1): chunk pid_s takes samples k0 .. k1 - 1 and writes its
+        # sums to its own slice of dmu / dlv (chunk_st apart), which torch adds
+        pid_s = tl.program_id(1)
+        if INT64:
+            pid_s = pid_s.to(tl.int64)
+        k0 = pid_s * chunk_samples
+        k1 = tl.minimum(k0 + chunk_samples, n_samples)
+        if WRITE_DMU:
+            dmu_ptr += pid_s * chunk_st
+        if WRITE_DLV:
+            dlv_ptr += pid_s * chunk_st
     lv_col = column_offsets(cols, dims, lv_st, INNER_RANK)
     out_col = column_offsets(cols, dims, out_st, INNER_RANK)
     if HAS_GKL:
@@ -177,10 +180,13 @@ def _sample_kl_backward_kernel(
         if HAS_DZ:
             # dz/dmu = 1, dz/dlv = exp(lv/2) eps / 2, summed over the samples; eps regenerated.
             sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
-            dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :] + k0 * dz_sk
+            dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :]
+            first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)
+            if SPREAD:
+                dz_base += k0 * dz_sk
+                first += k0.to(tl.int64) * numel
             dz_eps = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
-            first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N) + k0.to(tl.int64) * numel
-            for _ in range(k0, tl.minimum(k0 + chunk_samples, n_samples)):
+            for _ in range(k0, k1):
                 dz = tl.load(dz_base, mask=mask, other=0.0).to(GRAD_DTYPE)
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
                                          dz_ptr.dtype.element_ty.primitive_bitwidth == 16)
@@ -377,7 +383,8 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
             *view.strides, dz_sk, mu.numel(),
             view.rows, view.cols, view.dims, mu.numel(), n_samples, chunk_samples, key, tiling.n_col_blocks,
             tiling.row_steps,
-            HAS_DZ=dz is not None, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), HAS_GKL=gkl_t is not None,
+            HAS_DZ=dz is not None, SPREAD=chunks > 1, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned),
+            HAS_GKL=gkl_t is not None,
             HAS_PMU=pmu_t is not None,
             HAS_PLV=plv_t is not None, WRITE_DMU=dmu_t is not None, WRITE_DLV=dlv_t is not None,
             PMU_MODE=pmu_m, PLV_MODE=plv_m,
