@@ -241,3 +241,26 @@ def test_gaussian_nll_loss_broadcasts_as_the_reference(gen, var_shape, target_sh
         _assert_same(lambda *t: fv.gaussian_nll_loss(*t, full=full, reduction=reduction, check_var=False),  # noqa: B023
                      mean, x, var,
                      rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_samples", [None, 2])
+def test_learned_prior_sample_is_rsamples_and_its_gradients_are_exact(gen, n_samples):
+    mu = torch.randn(12, 6, generator=gen, requires_grad=True)
+    lv = torch.randn(12, 6, generator=gen, requires_grad=True)
+    prior_mu = torch.randn(6, generator=gen, requires_grad=True)
+    prior_lv = (torch.randn(6, generator=gen) * 0.3).requires_grad_(True)
+    with fv.use_backend("native"):
+        torch.manual_seed(5)
+        z, kl = fv.rsample_kl(mu, lv, prior_mu, prior_lv, n_samples=n_samples)
+        torch.manual_seed(5)
+        alone = fv.rsample(mu, lv, n_samples=n_samples)
+    assert torch.equal(z, alone)  # bit for bit, as documented
+    grad_z = torch.randn(z.shape, generator=gen)
+    got = torch.autograd.grad([z, kl], [mu, lv, prior_mu, prior_lv], [grad_z, torch.ones(())])
+    eps = ((z - mu) / torch.exp(0.5 * lv)).detach()
+    leaves = [t.detach().double().requires_grad_(True) for t in (mu, lv, prior_mu, prior_lv)]
+    want_z = leaves[0] + eps.double() * torch.exp(0.5 * leaves[1])
+    want_kl = fv.reference.kl_normal_elementwise(*leaves).sum() / 12
+    want = torch.autograd.grad([want_z, want_kl], leaves, [grad_z.double(), torch.ones((), dtype=torch.float64)])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
