@@ -23,6 +23,12 @@ Prior gradients: elementwise for a full-size prior; per-program partial sums (``
 a few percent of E, against ``2 x 2Es`` for a full-size gradient summed by torch) for a prior
 broadcast along rows, columns or everywhere; a full-size gradient torch sums for any other broadcast.
 No float atomics: two runs are bitwise equal. Half inputs compute in float32, float64 in float64.
+
+On CUDA (outside the interpreter) the kernels take their ``FAST`` path (:mod:`.fastmath`): the noise by
+the hardware's ``lg2/sqrt/sin/cos.approx`` and every float32 ``exp`` by ``fastmath.exp_accurate_f32``
+(never ``tl.exp``, whose error grows with the argument on a GPU). Many samples of a small posterior:
+the forward draws them as rows (:func:`_samples_as_rows`), the backward in sample chunks across
+programs whose sums torch adds (``SPREAD_MIN_SAMPLES``).
 """
 
 from __future__ import annotations
