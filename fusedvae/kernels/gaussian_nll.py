@@ -237,12 +237,13 @@ def _gaussian_nll_bwd_kernel(
     a_st, b_st, s_st, g_st, o_st,  # each operand's (kept k0..k2, reduced r0..r2) strides
     OP: tl.constexpr, EPS: tl.constexpr, G_SCALAR: tl.constexpr,
     STORE_DA: tl.constexpr, STORE_DB: tl.constexpr, STORE_DS: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, FAST: tl.constexpr, FLAT: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, FAST: tl.constexpr, V_FULL: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Gradients from grad_output ``g``: ``da``, ``db`` elementwise (layout ``o``), ``ds`` as per-chunk partials.
 
     ``ds_ptr`` is a ``(n_rchunks, K)`` buffer: this program writes row ``pid_r`` at its kept indices.
+    ``V_FULL``: ``s`` is per element, read in the tile loop, and ``ds`` is stored elementwise (layout ``o``).
     """
     pid, pid_r, k0, k1, k2 = kept_coords(K1, n_kblk, n_rchunks, INT64, BLOCK_K)
     kmask = k2 < K2
@@ -250,11 +251,14 @@ def _gaussian_nll_bwd_kernel(
     b_k = kept_offset(k0, k1, k2, b_st)
     g_k = kept_offset(k0, k1, k2, g_st)
     o_k = kept_offset(k0, k1, k2, o_st)
-    if OP == OP_NLL:
-        s = upcast(tl.load(s_ptr + kept_offset(k0, k1, k2, s_st), mask=kmask, other=0.0), F64)
+    s_k = kept_offset(k0, k1, k2, s_st)
+    if V_FULL:
+        pass  # sigma / the variance per element, in the loop
+    elif OP == OP_NLL:
+        s = upcast(tl.load(s_ptr + s_k, mask=kmask, other=0.0), F64)
         inv_sigma = exp(-s, F64)[:, None]
     elif OP == OP_VAR:
-        v = upcast(tl.load(s_ptr + kept_offset(k0, k1, k2, s_st), mask=kmask, other=1.0), F64)
+        v = upcast(tl.load(s_ptr + s_k, mask=kmask, other=1.0), F64)
         v = tl.where(v < EPS, EPS, v)  # the clamp is invisible to autograd: d/dvar is taken at max(var, eps)
         var = v[:, None]
         if FAST:  # 1 ulp; the launcher guarantees v >= 2^-126, so no flush to zero
@@ -277,6 +281,17 @@ def _gaussian_nll_bwd_kernel(
         else:
             g_off = g_k[:, None] + reduced_offset(r0, r1, r2, g_st)[None, :]
             g = upcast(tl.load(g_ptr + g_off, mask=mask, other=0.0), F64)
+        if V_FULL:
+            s_off = s_k[:, None] + reduced_offset(r0, r1, r2, s_st)[None, :]
+            if OP == OP_NLL:
+                inv_sigma = exp(-upcast(tl.load(s_ptr + s_off, mask=mask, other=0.0), F64), F64)
+            elif OP == OP_VAR:
+                var = upcast(tl.load(s_ptr + s_off, mask=mask, other=1.0), F64)
+                var = tl.where(var < EPS, EPS, var)
+                if FAST:
+                    inv_var = fastmath.rcp_approx(var)
+                else:
+                    inv_var = div(1.0, var, F64)
         if OP == OP_NLL:
             r = d * inv_sigma
             db = -(g * r) * inv_sigma  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
@@ -296,8 +311,11 @@ def _gaussian_nll_bwd_kernel(
         if STORE_DB:
             tl.store(db_ptr + o_off, db.to(db_ptr.dtype.element_ty), mask=mask)
         if STORE_DS:
-            acc += tl.where(mask, ds, 0.0)
-    if STORE_DS:
+            if V_FULL:
+                tl.store(ds_ptr + o_off, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            else:
+                acc += tl.where(mask, ds, 0.0)
+    if STORE_DS and not V_FULL:
         kidx = (k0 * K1 + k1) * K2 + k2
         tl.store(ds_ptr + pid_r * K + kidx, tl.sum(acc, axis=1).to(ds_ptr.dtype.element_ty), mask=kmask)
 
@@ -370,17 +388,23 @@ def _forward_plan(a, b, small, shape, reduction, want_out):
     return plan, v_full, perm
 
 
-def _backward_plan(a, b, small, shape, grad, want_out):
-    """``(plan, perm)`` of the backward, over the dims in :func:`_memory_order`; the fake backward calls it too."""
+def _backward_plan(a, b, small, shape, grad, need_da_db):
+    """``(plan, v_full, perm)`` of the backward, over the dims in :func:`_memory_order`; the fake calls it too.
+
+    ``v_full``: as in :func:`_forward_plan`; the per-element σ's gradient is then stored like ``da``
+    (layout ``o``, x's layout when x is dense: no copy, and the fake backward promises the same).
+    """
     shape = tuple(shape)
+    v_full = small is not None and tuple(small.shape) == shape
     perm = _memory_order(a, shape, False)
     n = len(shape)
     a, b, small, grad = (_permuted(t, perm, n) for t in (a, b, small, grad))
     if perm is not None:
         shape = tuple(shape[d] for d in perm)
-    plan = _common.broadcast_plan(shape, {"a": a, "b": b, "g": grad}, small, out_like=a, want_out=want_out,
-                                  pin_batch=False)
-    return plan, perm
+    full = {"a": a, "b": b, "g": grad, "s": small} if v_full else {"a": a, "b": b, "g": grad}
+    plan = _common.broadcast_plan(shape, full, None if v_full else small, out_like=a,
+                                  want_out=need_da_db or v_full, pin_batch=False)
+    return plan, v_full, perm
 
 
 def _fast(op: int, a: torch.Tensor, cdtype: torch.dtype, eps: float) -> bool:
@@ -390,16 +414,6 @@ def _fast(op: int, a: torch.Tensor, cdtype: torch.dtype, eps: float) -> bool:
 
 def _flat(layout) -> bool:
     return layout.rsize[0] == 1 and layout.rsize[1] == 1
-
-
-def _per_element_grad_strides(perm, shape) -> tuple[int, ...]:
-    """A per-element σ's gradient: contiguous in the order the backward kernel walks (``x``'s memory order).
-
-    The kernel writes it as its one row of kept partials, in kept order, so it needs no copy; the
-    fake backward promises the same strides.
-    """
-    shape_p = tuple(shape[d] for d in perm) if perm else tuple(shape)
-    return _unpermute(_common.contiguous_strides(shape_p), perm)
 
 
 def _forward(
@@ -481,10 +495,10 @@ def _backward(
             torch.zeros_like(b) if need_b else None,
             torch.zeros_like(small) if need_s else None,
         )
-    plan, perm = _backward_plan(a, b, small, shape, grad, want_out=need_a or need_b)
+    plan, v_full, perm = _backward_plan(a, b, small, shape, grad, need_a or need_b)
     out_strides = _unpermute(plan.out_strides, perm)
     layout = plan.layout
-    grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=need_s)
+    grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=need_s and not v_full)
     # da / db go straight to the caller where the operand has the full shape; a broadcast operand (only
     # possible for torch's input / target) gets a full-size float buffer summed down afterwards.
     da = db = None
@@ -498,26 +512,26 @@ def _backward(
     # One chunk: the buffer is the gradient itself, so it takes σ's dtype (the kernel rounds once, at the
     # store). Several: float partial sums, added in a fixed order below.
     ds_partial = None
-    per_element = need_s and tuple(small.shape) == shape
-    if per_element:  # one chunk (nothing is reduced): the gradient itself, in the kernel's kept order
-        assert grid.n_rchunks == 1
-        ds_partial = _common.empty(shape, small.dtype, device, _per_element_grad_strides(perm, shape))
+    per_element = need_s and v_full
+    if per_element:  # stored elementwise, like da (layout "o")
+        ds_partial = _common.empty(shape, small.dtype, device, out_strides)
     elif need_s:
         ds_dtype = small.dtype if grid.n_rchunks == 1 and not plan.small_materialised else cdtype
         ds_partial = _common.empty((grid.n_rchunks, K), ds_dtype, device)
     dummy = plan.full["a"]
     g_scalar = all(st == 0 for st in layout.kstride["g"] + layout.rstride["g"])
     _gaussian_nll_bwd_kernel[(grid.programs,)](
-        plan.full["a"], plan.full["b"], plan.small if plan.small is not None else dummy, plan.full["g"],
-        da if da is not None else dummy, db if db is not None else dummy,
+        plan.full["a"], plan.full["b"], plan.full["s"] if v_full else plan.small if plan.small is not None else dummy,
+        plan.full["g"], da if da is not None else dummy, db if db is not None else dummy,
         ds_partial if ds_partial is not None else dummy,
         K, layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
         grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
-        *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if plan.small is not None else None, "g")),
+        *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if v_full or plan.small is not None else None,
+                                                      "g")),
         _common.layout_strides(layout, "o" if plan.out_strides is not None else None),
         OP=op, EPS=float(eps), G_SCALAR=g_scalar, STORE_DA=da is not None, STORE_DB=db is not None,
         STORE_DS=need_s, F64=cdtype == torch.float64, INT64=grid.int64, FAST=_fast(op, a, cdtype, eps),
-        FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
+        V_FULL=v_full, FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
     )
     if da is not None and tuple(a.shape) != shape:
         da = da.sum_to_size(a.shape).to(a.dtype)
@@ -577,26 +591,25 @@ def _backward_outputs(a, b, small, shape, grads):
         elif tuple(operand.shape) != shape or math.prod(shape) == 0:
             outputs.append(_custom_op.dense(g))
         else:
-            outputs.append(g)  # allocated with the plan's out_strides, or _per_element_grad_strides (σ)
+            outputs.append(g)  # allocated with the plan's out_strides
     return tuple(outputs)
 
 
 def _fake_backward(a, b, small, shape, grad, reduction, needs):
     """The outputs of :func:`_backward_outputs` without launching."""
     need_a, need_b, need_s = needs[0], needs[1], needs[2] and small is not None
-    out_strides = ds_strides = None
+    out_strides = None
     if (need_a or need_b or need_s) and math.prod(shape) != 0:
         if reduction == "per_sample":
             grad = grad.reshape(grad.shape + (1,) * (len(shape) - 1))
-        plan, perm = _backward_plan(a, b, small, shape, grad, want_out=need_a or need_b)
+        plan, _, perm = _backward_plan(a, b, small, shape, grad, need_a or need_b)
         out_strides = _unpermute(plan.out_strides, perm)
-        ds_strides = _per_element_grad_strides(perm, shape)
     outputs = []
     for i, (operand, needed) in enumerate(((a, need_a), (b, need_b), (small, need_s))):
         if not needed:
             outputs.append(_custom_op.absent(a))
-        elif i == 2 and tuple(operand.shape) == shape and ds_strides is not None:
-            outputs.append(operand.new_empty_strided(shape, ds_strides))
+        elif i == 2 and tuple(operand.shape) == shape and out_strides is not None:
+            outputs.append(operand.new_empty_strided(shape, out_strides))  # a per-element σ: stored like da
         elif i == 2 or tuple(operand.shape) != shape or out_strides is None:
             outputs.append(operand.new_empty(operand.shape))
         else:
