@@ -296,15 +296,6 @@ def rsample_kl(
     if sample:
         shape = mu.shape if n_samples is None else (n_samples, *mu.shape)
         eps = _noise(shape, dtype, mu.device, generator)
-        if (kl and reduction == "sum" and (prior_mu is not None or prior_logvar is not None) and try_exp
-                and dtype == torch.float32 and mu.numel() <= _COMPOSED_MAX_NUMEL and not torch.compiler.is_compiling()):
-            # a learned prior on small latents: plain autograd ops (with a standard prior the Function's backward,
-            # from expm1(lv/2), is the cheaper one); z is the Function's bit for bit, from the same eps
-            t = torch.expm1(inputs[1] * 0.5)  # a Python 0.5: autograd keeps no tensor for it
-            value = _kl_sum_composed(*inputs, scale)
-            if value is not None:
-                return torch.addcmul(eps, eps, t).add_(inputs[0]), value
-            try_exp = False
     z, value = _SampleKL.apply(*inputs, eps, kl, reduction, scale, try_exp)
     if z is not None and z.dtype != mu.dtype:
         z = z.to(result_dtype(mu, logvar))
