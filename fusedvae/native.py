@@ -230,11 +230,11 @@ class _SampleKL(torch.autograd.Function):
                 d_mu = grad_z if need_mu else None
                 d_lv = grad_z * noise if need_lv else None
             if d_lv is not None:
-                d_lv.mul_(0.5)
+                d_lv.mul_(_scalar(0.5, d_lv.dtype))
         if want_kl and grad_kl is not None:
             g = _grad_like(grad_kl, reduction, diff.dim())
             if scale != 1.0:
-                g = g * scale
+                g = g * _scalar(scale, g.dtype)
             # dkl/dmu = (mu - mu_p) e^{-lv_p} = -dkl/dmu_p; dkl/dlv = (e^d - 1) / 2
             weighted_g = diff * g if weight is None else diff * (weight * g)
             if need_mu:
@@ -242,10 +242,11 @@ class _SampleKL(torch.autograd.Function):
             if need_pmu:
                 d_pmu = (-weighted_g).sum_to_size(prior_mu_shape)
             if need_lv or need_plv:
+                half_g = g * _scalar(0.5, g.dtype)
                 if from_half:  # expm1(lv) = t (t + 2), t = expm1(lv / 2)
-                    half_expm1 = torch.add(expm1_saved, 2.0).mul_(expm1_saved).mul_(0.5 * g)
+                    half_expm1 = torch.add(expm1_saved, _scalar(2.0, g.dtype)).mul_(expm1_saved).mul_(half_g)
                 else:
-                    half_expm1 = expm1_saved * (0.5 * g)
+                    half_expm1 = expm1_saved * half_g
                 if need_lv:
                     d_lv = half_expm1 if d_lv is None else d_lv.add_(half_expm1)
                 if need_plv:
@@ -380,7 +381,7 @@ class _GaussianNLL(torch.autograd.Function):
         x_shape, s_shape = ctx.shapes
         g = _grad_like(grad, ctx.reduction, r.dim())
         if ctx.scale != 1.0:
-            g = g * ctx.scale
+            g = g * _scalar(ctx.scale, g.dtype)
         d_x = d_m = d_s = None
         if need_m:  # dnll/dm = -r e^{-s}; dnll/dx = -that
             d_m = r * (weight * g).neg_()
@@ -391,7 +392,8 @@ class _GaussianNLL(torch.autograd.Function):
             if squares is not None and math.prod(s_shape) == 1:
                 d_s = (g * (ctx.numel - squares)).reshape(s_shape)  # scalar σ: dnll/ds = n - sum(r^2), no pass
             else:
-                d_s = torch.addcmul(torch.ones((), dtype=r.dtype, device=r.device), r, r, value=-1).mul_(g)
+                d_s = torch.addcmul(_scalar(1.0, r.dtype) if r.is_cpu else torch.ones((), dtype=r.dtype, device=r.device),
+                                    r, r, value=-1).mul_(g)
                 d_s = d_s.sum_to_size(s_shape)
         return d_x, d_m, d_s, None, None, None
 
