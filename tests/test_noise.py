@@ -176,8 +176,10 @@ def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypat
     up = [t.detach().double().requires_grad_() for t in leaves]
     z_ref, kl_ref = reference.rsample_kl(up[0], up[1], None, up[2] if prior else None, **kw)
     want_grads = torch.autograd.grad((z_ref, kl_ref), up, [gz.double(), gk.double()])
+    # dlogvar sums 0.5 sd dz eps over 64 samples: the FAST bound on eps times sum |dz|
+    grad_atol = 8e-5 + 0.5 * FAST_EPS_ABS * (torch.exp(0.5 * lv.detach()) * gz.abs().sum(0)).max().item()
     for got, expected in zip(spread_grads, want_grads):
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=atol * 8)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=grad_atol)
 
 
 # The FAST path (fusedvae.kernels.fastmath) is inline PTX: the interpreter cannot run it, so its code is checked
