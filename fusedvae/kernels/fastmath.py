@@ -98,22 +98,21 @@ def cos_approx(x):
 
 @triton.jit
 def exp_accurate_f32(x, SCALE: tl.constexpr = 1.0):
-    """``exp(SCALE x)`` in float32 within ~3 ulp for every ``x`` (8 SASS instructions, one ``MUFU.EX2``).
+    """``exp(SCALE x)`` in float32 within ~3 ulp for every ``x`` (7 SASS instructions, one ``MUFU.EX2``).
 
     ``ex2.approx`` is accurate to 2^-22 relative over its whole range; what makes ``ex2.approx(x log2 e)``
     (Triton's float32 ``tl.exp``) lose ``|x| x 6e-8`` is the rounding of its input ``y = x log2 e``. Here
     that rounding is recovered: ``e = fma(x, log2e_hi, -y)`` is exact (the error of a product), ``c = e + x
-    log2e_lo`` the rest of the exponent (``|c| < 1e-5``), and ``2^c = 1 + c ln2`` to 2e-11, so
-    ``exp = ex2.approx(y) (1 + c ln2)``. ``SCALE`` is a power of two (``0.5``: a standard deviation from a
-    log-variance), folded into the constants. Error: <= 2.9 x 2^-24 relative from the roundings (simulated
-    in float64 over [-90, 89] with an exact ``ex2``) plus ``ex2.approx``'s 2^-22. ``x`` is clamped to
-    [-104, 104] first (NaN-propagating) so that ``e`` is finite: inf for ``SCALE x > 88.7``, and 0 below
-    ``SCALE x = -87.3``, where ``.ftz`` flushes the subnormal results.
+    log2e_lo`` the rest of the exponent (``|c| < 1e-5`` while ``|x| < 128``), and ``2^c = 1 + c ln2`` to
+    2e-11, so ``exp = ex2.approx(y) (1 + c ln2)``. ``SCALE`` is a power of two (``0.5``: a standard deviation
+    from a log-variance), folded into the constants. Error: <= 2.9 x 2^-24 relative from the roundings
+    (simulated in float64 over [-90, 89] with an exact ``ex2``) plus ``ex2.approx``'s 2^-22. Where
+    ``ex2.approx(y)`` is already inf or 0 (``|SCALE x| > 88.7``, ``.ftz`` flushing subnormal results) the
+    factor may be anything (NaN for infinite ``x``: inf - inf): ``min(|1 + c ln2|, 2)`` (one FMNMX, which
+    returns 2 for a NaN) keeps it finite and positive, so the result is inf or 0. NaN ``x`` gives NaN.
     """
     x = x.to(tl.float32)
-    x = tl.where(x > 104.0 / SCALE, 104.0 / SCALE, x)  # comparisons, not min/max: a NaN falls through
-    x = tl.where(x < -104.0 / SCALE, -104.0 / SCALE, x)
     y = x * (SCALE * LOG2E_HI)
     # tl.fma, not x * c - y: the product must stay exact inside the FMA (LLVM may reuse the rounded one)
     c = tl.fma(x, SCALE * LOG2E_LO, tl.fma(x, SCALE * LOG2E_HI, -y))
-    return ex2_approx(y) * tl.fma(c, LN2, 1.0)
+    return ex2_approx(y) * tl.minimum(tl.abs(tl.fma(c, LN2, 1.0)), 2.0)
