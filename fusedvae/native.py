@@ -133,7 +133,7 @@ def _fast_sum_is_exact(total: torch.Tensor, numel: int, ulps: float, *, scale: f
     """
     if torch.compiler.is_compiling():
         return False
-    value = scale * float(total)
+    value = scale * total.item()  # item(): no detach needed, and no warning for a tensor that requires grad
     if not value > 0.0:
         return False
     if from_exp:
@@ -324,7 +324,7 @@ def _kl_sum_composed(mu, logvar, prior_mu, prior_logvar, scale: float) -> torch.
     values = torch.sub(torch.exp(d), _scalar(1.0, d.dtype)).sub_(d)
     weighted = diff if prior_logvar is None else diff * torch.exp(-prior_logvar)
     total = values.addcmul_(weighted, diff).sum()
-    if not _fast_sum_is_exact(total.detach(), d.numel(), 1.0, from_exp=True):
+    if not _fast_sum_is_exact(total, d.numel(), 1.0, from_exp=True):
         return None
     return total * (0.5 * scale)  # a Python float: autograd keeps no tensor for it (torch's formula keeps none)
 
