@@ -152,7 +152,7 @@ def rsample(
         mu, logvar, None, None, n_samples=count, sample=True, kl=False, reduction="none",
         **_noise_key(impl, generator, mu.device),
     )
-    return z[0] if n_samples is None else z
+    return z.squeeze(0) if n_samples is None else z  # a view: free backward (z[0]'s is zeros + a copy)
 
 
 def kl_normal(
@@ -252,7 +252,7 @@ def rsample_kl(
         impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
         n_samples=count, sample=True, **_noise_key(impl, generator, mu.device),
     )
-    return (z[0] if n_samples is None else z), kl
+    return (z.squeeze(0) if n_samples is None else z), kl  # squeeze: see rsample
 
 
 def _check_data(x, mean, x_name="x", mean_name="mean"):
