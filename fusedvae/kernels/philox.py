@@ -232,7 +232,8 @@ def philox_normal_rows(seed, first, BLOCK_N: tl.constexpr, WHOLE_BLOCKS: tl.cons
 
     ``WHOLE_BLOCKS`` (every ``first`` a multiple of 4, ``BLOCK_N`` too) draws each Philox block once.
     ``FAST``: the GPU's approximations (:func:`_box_muller_fast`); launchers pass :func:`.fastmath.is_fast`.
-    ``PAIRS``: eight normals to a thread (:func:`philox_normal_tile_pairs`: 16-bit tensors), the same numbers.
+    ``PAIRS``: eight normals to a thread (:func:`philox_normal_tile_pairs`: 16-bit tensors whose columns are one
+    contiguous dim, loaded 128 bits at a time), the same numbers.
     """
     if WHOLE_BLOCKS and PAIRS and BLOCK_N % 8 == 0:
         eps = philox_normal_tile_pairs(seed, (first >> 2)[:, None] + 2 * tl.arange(0, BLOCK_N // 8)[None, :], DTYPE,

@@ -107,7 +107,7 @@ def _sample_kl_forward_kernel(
             z_off = out_off
             for _ in range(0, n_samples):
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
-                                         z_ptr.dtype.element_ty.primitive_bitwidth == 16)
+                                         z_ptr.dtype.element_ty.primitive_bitwidth == 16 and INNER_RANK == 1)
                 tl.store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask=mask)
                 first += numel
                 z_off += numel
@@ -195,7 +195,7 @@ def _sample_kl_backward_kernel(
             for _ in range(k0, k1):
                 dz = tl.load(dz_base, mask=mask, other=0.0).to(GRAD_DTYPE)
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
-                                         dz_ptr.dtype.element_ty.primitive_bitwidth == 16)
+                                         dz_ptr.dtype.element_ty.primitive_bitwidth == 16 and INNER_RANK == 1)
                 dmu += dz
                 dz_eps += dz * eps.to(GRAD_DTYPE)
                 first += numel
