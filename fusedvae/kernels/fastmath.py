@@ -116,3 +116,40 @@ def exp_accurate_f32(x, SCALE: tl.constexpr = 1.0):
     # tl.fma, not x * c - y: the product must stay exact inside the FMA (LLVM may reuse the rounded one)
     c = tl.fma(x, SCALE * LOG2E_LO, tl.fma(x, SCALE * LOG2E_HI, -y))
     return ex2_approx(y) * tl.minimum(tl.abs(tl.fma(c, LN2, 1.0)), 2.0)
+
+
+# Under Triton's interpreter (decided at import, as Triton decides interpretation when a kernel is decorated) the
+# wrappers above cannot run: it has no PTX assembler. EMULATED swaps in each instruction's function by plain Triton
+# math, off by its documented worst-case error in the direction that enlarges the result's magnitude, and NaN for
+# sin/cos outside [-pi, pi] (where the hardware's answer is wrong): the FAST path's logic (signs, lanes, series, the
+# centred angle) then runs in the CPU tests and must meet its bounds against a pessimistic model of the hardware.
+# Placed last in the file, so the compiled kernels (their PTX line info included) are unchanged.
+EMULATED = triton_interpreter_enabled()
+_LG2_ERR = tl.constexpr(2.384185791015625e-07)  # 2^-22
+_MUFU_ERR = tl.constexpr(1.1920928955078125e-07)  # 2^-23
+_SINCOS_ERR = tl.constexpr(5.107026e-07)  # 2^-20.9
+_PI_F32 = tl.constexpr(3.1415927410125732)  # float32(pi), a hair above pi: the centred angle's end
+
+if EMULATED:
+
+    @triton.jit
+    def _unary(x, op: tl.constexpr):  # noqa: F811
+        x = x.to(tl.float32)
+        if op == "lg2.approx.ftz.f32":
+            y = tl.log2(x)
+            err = tl.where((x >= 0.5) & (x <= 2.0), _LG2_ERR, tl.abs(y) * _LG2_ERR)
+            y = tl.where(y < 0.0, y - err, y + err)
+        elif op == "ex2.approx.ftz.f32":
+            y = tl.exp2(x) * (1.0 + 2.0 * _MUFU_ERR)
+        elif op == "rcp.approx.ftz.f32":
+            y = (1.0 / x) * (1.0 + _MUFU_ERR)
+        elif op == "sqrt.approx.ftz.f32":
+            y = tl.sqrt(x) * (1.0 + _MUFU_ERR)
+        elif op == "rsqrt.approx.ftz.f32":
+            y = (1.0 / tl.sqrt(x)) * (1.0 + _MUFU_ERR)
+        else:
+            tl.static_assert(op == "sin.approx.ftz.f32" or op == "cos.approx.ftz.f32")
+            y = tl.sin(x) if op == "sin.approx.ftz.f32" else tl.cos(x)
+            y = tl.where(y < 0.0, y - _SINCOS_ERR, y + _SINCOS_ERR)
+            y = tl.where(tl.abs(x) <= _PI_F32, y, float("nan"))
+        return y

@@ -305,3 +305,12 @@ def philox_normal(
         _philox_normal_kernel[(triton.cdiv(numel, _BLOCK),)](out, seed, offset, numel, TILE=offset % 4 == 0,
                                                             FAST=fastmath.is_fast(out), BLOCK=_BLOCK)
     return out
+
+
+if fastmath.EMULATED:  # the interpreter has no PTX (see fastmath.EMULATED): mul.hi/mul.lo by the 64-bit product
+
+    @triton.jit
+    def _mulhilo32_ptx(a, multiplier: tl.constexpr):  # noqa: F811
+        tl.static_assert((multiplier == PHILOX_M0) or (multiplier == PHILOX_M1))
+        product = a.to(tl.uint64) * multiplier
+        return (product >> 32).to(tl.uint32), (product & 0xFFFFFFFF).to(tl.uint32)
