@@ -1,0 +1,378 @@
+"""The kernels' FAST (GPU-only) path run on CPU: :mod:`fusedvae.kernels.fastmath`'s PTX emulated under the interpreter.
+
+Under ``TRITON_INTERPRET=1`` each PTX wrapper computes its function with plain Triton math, off by the
+instruction's documented worst-case error (``fastmath.EMULATED``), and ``sin/cos.approx`` give NaN outside
+[-pi, pi]. Forcing ``fastmath.is_fast`` to True then runs the FAST path's own logic (Philox's ``mul.hi/lo``, the
+series near ``u1 = 1``, the centred angle, eight normals a thread for 16-bit tensors, ``exp_accurate_f32``, the
+nll's ``rcp.approx``) and holds it to its documented bounds: ``|d eps| <= 1e-6 (1 + radius)``, the KL contract
+(relative error < 1e-5 down to ``|d| = 1e-6``, finite to ``|logvar| = 80``), the nll's 2x-eager bound.
+On a GPU the FAST path runs for real in the other test files; this file is skipped there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedvae as fv  # noqa: E402
+from fusedvae import reference  # noqa: E402
+from fusedvae.kernels import _common as kcommon  # noqa: E402
+from fusedvae.kernels import fastmath  # noqa: E402
+from fusedvae.kernels import philox as kphilox  # noqa: E402
+from fusedvae.kernels import sample_kl as ksample_kl  # noqa: E402
+from fusedvae.testing import assert_within_twice_eager  # noqa: E402
+
+kgnll = importlib.import_module("fusedvae.kernels.gaussian_nll")  # the module (fusedvae.kernels exports a function)
+pytestmark = pytest.mark.skipif(not fastmath.EMULATED, reason="the FAST path is emulated under TRITON_INTERPRET=1")
+
+F32, F64 = torch.float32, torch.float64
+#: The FAST noise bound: |eps - eps_exact| <= FAST_EPS_ABS (1 + radius) (fusedvae.kernels.philox._box_muller_fast).
+FAST_EPS_ABS = 1e-6
+EPS32 = torch.finfo(F32).eps
+
+
+@pytest.fixture(autouse=True)
+def _fast_and_nan_filled(monkeypatch):
+    """FAST on for CPU tensors (the test hook); every output and gradient buffer starts as NaN."""
+
+    def empty(shape, dtype, device, strides=None):
+        strides = kcommon.contiguous_strides(shape) if strides is None else strides
+        return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(float("nan"))
+
+    monkeypatch.setattr(fastmath, "is_fast", lambda t: True)
+    monkeypatch.setattr(kcommon, "empty", empty)
+    monkeypatch.setattr(ksample_kl, "TILING_OVERRIDE", None)
+
+
+def radius_of(seed: int, offset: int, numel: int) -> torch.Tensor:
+    """``sqrt(-2 log u1)`` (float64) of logical indices ``offset ..``: lanes 0, 1 of a block use r0, lanes 2, 3 r2."""
+    index = torch.arange(numel, dtype=torch.int64) + offset
+    block, mask = index >> 2, reference.philox.MASK32
+    counter = (block & mask, (block >> 32) & mask, torch.zeros_like(block), torch.zeros_like(block))
+    r0, _, r2, _ = reference.philox4x32(counter, (seed & mask, (seed >> 32) & mask))
+    u1 = ((torch.where((index & 3) >= 2, r2, r0) >> 8) + 1).to(F64) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1))
+
+
+def fast_eps_excess(got: torch.Tensor, seed: int, offset: int) -> float:
+    """max(|got - exact| / (1 + radius)) over the normals ``got`` of indices ``offset ..`` (to compare with 1e-6)."""
+    want = reference.philox_normal(seed, offset, got.numel(), dtype=F64)
+    return ((got.double().flatten() - want).abs() / (1.0 + radius_of(seed, offset, got.numel()))).max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The hook and Philox
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_hook_takes_the_fast_path(monkeypatch):
+    """Forced FAST differs from the exact path (the emulated errors) and stays within its bound of it."""
+    fast = kphilox.philox_normal(5, 8, 4096)
+    monkeypatch.setattr(fastmath, "is_fast", lambda t: False)
+    exact = kphilox.philox_normal(5, 8, 4096)
+    assert not torch.equal(fast, exact)
+    assert (fast - exact).abs().max().item() < 7e-6
+
+
+@pytest.mark.parametrize("seed, offset", [(1234, 0), (2**62 - 1, 2**32 - 701), (0xDEADBEEF12345, 2**40 + 11)])
+def test_philox_words_bit_for_bit(seed, offset):
+    """PTX mul.hi/mul.lo (emulated): the reference's words exactly."""
+    numel = 1000
+    words = kphilox.philox_words(seed, offset, numel)
+    index = torch.arange(numel, dtype=torch.int64) + offset
+    mask = reference.philox.MASK32
+    counter = (index & mask, (index >> 32) & mask, torch.zeros_like(index), torch.zeros_like(index))
+    for got, want in zip(words, reference.philox4x32(counter, (seed & mask, (seed >> 32) & mask))):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("offset", [2**33 - 1000, 2**33 - 999])  # whole Philox blocks, and one block per element
+def test_philox_normal_within_the_fast_bound(offset):
+    seed = 987654321987
+    got = kphilox.philox_normal(seed, offset, 2**15)
+    assert fast_eps_excess(got, seed, offset) <= FAST_EPS_ABS
+
+
+def test_fast_box_muller_over_every_u1_near_one_and_every_angle_end():
+    """The series' range (w = 1 - u1 < 1/64), its edge, and the angles next to -pi, 0 and pi, word by word."""
+    # r0's top 24 bits k give u1 = (k + 1) 2^-24; k near 2^24 - 1 is u1 near 1 (radius near 0)
+    top = 2**24 - 1
+    ks = torch.cat([torch.arange(top - 300, top + 1), torch.arange(top - 2**18 - 64, top - 2**18 + 64)])
+    angles = torch.tensor([0, 1, 2**23 - 1, 2**23, 2**23 + 1, 2**24 - 1, 2**22, 3 * 2**22])
+    ra = (ks[:, None] << 8).expand(-1, angles.numel()).flatten()
+    rb = (angles[None, :] << 8).expand(ks.numel(), -1).flatten()
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pair_kernel(ra_ptr, rb_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        a = tl.load(ra_ptr + i, mask=m).to(tl.uint32)
+        b = tl.load(rb_ptr + i, mask=m).to(tl.uint32)
+        n0, n1 = kphilox._box_muller(a, b, tl.float32, True)
+        tl.store(out_ptr + i, n0, mask=m)
+        tl.store(out_ptr + n + i, n1, mask=m)
+
+    n = ra.numel()
+    out = torch.empty(2, n)
+    pair_kernel[(triton.cdiv(n, 1024),)](ra, rb, out, n, BLOCK=1024)
+    u1 = ((ra >> 8) + 1).to(F64) * 2.0**-24
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = 2 * math.pi * (rb >> 8).to(F64) * 2.0**-24
+    for got, want in zip(out, (radius * torch.cos(angle), radius * torch.sin(angle))):
+        err = (got.double() - want).abs() / (1.0 + radius)
+        assert torch.isfinite(got).all()
+        assert err.max().item() <= FAST_EPS_ABS, err.max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# z against the reference: dtypes, offsets, sample counts, row lengths, layouts
+# ---------------------------------------------------------------------------------------------
+
+Z_CASES = {
+    # id: (shape, offset, n_samples, transposed)
+    "whole-blocks-K1": ((5, 16), 2**33 + 8, 1, False),
+    "odd-offset-K4": ((5, 16), 2**33 + 6, 4, False),
+    "row-of-13-K4": ((6, 13), 8, 4, False),
+    "wide-rows-K1": ((3, 64), 4, 1, False),
+    "transposed-K1": ((6, 12), 12, 1, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(Z_CASES))
+def test_z_within_the_fast_bound(case, dtype):
+    shape, offset, n_samples, transposed = Z_CASES[case]
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    mu = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+    lv = (torch.randn(shape, generator=gen, dtype=F64) * 1.5).to(dtype)
+    if transposed:
+        mu, lv = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (mu, lv))
+        assert not mu.is_contiguous()
+    seed = 2**61 + 12345
+    z, _ = ksample_kl.rsample_kl(mu, lv, None, None, n_samples=n_samples, seed=seed, offset=offset, sample=True,
+                                 kl=False, reduction="sum")
+    want = reference.rsample(mu.double(), lv.double(), n_samples=n_samples, seed=seed, offset=offset)
+    z, want = z.reshape(n_samples, *shape).double(), want.reshape(n_samples, *shape)
+    radius = radius_of(seed, offset, n_samples * mu.numel()).reshape(n_samples, *shape)
+    sd = torch.exp(0.5 * lv.double())
+    # the noise bound; 8 float32 ulps of sd radius (exp_accurate_f32) and of |mu|; the output's rounding
+    bound = (sd * (FAST_EPS_ABS * (1.0 + radius) + 8 * EPS32 * radius.clamp(min=1.0)) + 8 * EPS32 * mu.double().abs()
+             + torch.finfo(dtype).eps * want.abs())
+    excess = ((z - want).abs() / bound).max().item()
+    assert excess <= 1.0, excess
+
+
+def test_noise_statistics_of_the_fast_path():
+    """262144 FAST normals through the sample kernel: moments, Kolmogorov-Smirnov, tails, neighbours, the bound."""
+    zeros = torch.zeros(64, 1024)
+    seed, offset = 99, 2**34
+    eps, _ = ksample_kl.rsample_kl(zeros, zeros, None, None, n_samples=4, seed=seed, offset=offset, sample=True,
+                                   kl=False, reduction="sum")
+    x = eps.double().flatten()
+    n = x.numel()
+    mean, var = x.mean().item(), x.var().item()
+    standard = (x - mean) / var**0.5
+    assert abs(mean) < 5 / n**0.5
+    assert abs(var - 1) < 5 * (2 / n) ** 0.5
+    assert abs((standard**3).mean().item()) < 5 * (6 / n) ** 0.5
+    assert abs((standard**4).mean().item() - 3) < 5 * (24 / n) ** 0.5
+    cdf = torch.special.ndtr(x.sort().values)  # Kolmogorov-Smirnov: sqrt(n) D > 1.95 has p = 0.001
+    grid = torch.arange(1, n + 1, dtype=F64) / n
+    d = torch.maximum(grid - cdf, cdf - (grid - 1 / n)).max().item()
+    assert d * n**0.5 < 1.95, d * n**0.5
+    for t in (1.0, 2.0, 3.0, 4.0):
+        p = math.erfc(t / 2**0.5)
+        count = (x.abs() > t).sum().item()
+        assert abs(count - n * p) < 5 * (n * p * (1 - p)) ** 0.5 + 1, (t, count, n * p)
+    for lag in range(1, 9):
+        r = torch.corrcoef(torch.stack([x[:-lag], x[lag:]]))[0, 1].item()
+        assert abs(r) < 5 / n**0.5, (lag, r)
+    # sd = exp(0) by exp_accurate_f32 (emulated ex2 2^-22 high): within 8 ulps of eps beyond the noise bound
+    excess = ((x - reference.philox_normal(seed, offset, n, dtype=F64)).abs()
+              - FAST_EPS_ABS * (1.0 + radius_of(seed, offset, n)) - 8 * EPS32 * x.abs()).max().item()
+    assert excess <= 0.0, excess
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients, the KL contract, the spread backward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, offset", [((7, 13), 2**35 + 17), ((6, 16), 2**35 + 16)])
+@pytest.mark.parametrize("reduction", ["per_dim", "sum"])
+def test_values_and_grads_against_float64(shape, offset, reduction):
+    gen = torch.Generator().manual_seed(11)
+    mu, lv = (torch.randn(shape, generator=gen) for _ in range(2))
+    pmu, plv = torch.randn(shape[1:], generator=gen) * 0.7, torch.randn(shape[0], 1, generator=gen) * 0.7
+    leaves = [t.requires_grad_() for t in (mu, lv, pmu, plv)]
+    kw = dict(n_samples=2, seed=12345, offset=offset, sample=True, kl=True, reduction=reduction)
+    z, kl = ksample_kl.rsample_kl(*leaves, **kw)
+    gz = torch.randn(z.shape, generator=gen)
+    gk = torch.randn(kl.shape, generator=gen) if kl.dim() else torch.tensor(0.7)
+    grads = torch.autograd.grad([z, kl], leaves, [gz, gk])
+    up = [t.detach().double().requires_grad_() for t in leaves]
+    zr, klr = reference.rsample_kl(*up, **kw)
+    want = torch.autograd.grad([zr, klr], up, [gz.double(), gk.double()])
+    sd = torch.exp(0.5 * lv.detach().double())
+    # z: sd times the noise bound (radius <= 5.77) plus rounding; dlogvar sums sd |dz| eps / 2 over 2 samples
+    torch.testing.assert_close(z.double(), zr.detach(), rtol=1e-5, atol=1e-5 + 7 * FAST_EPS_ABS * sd.max().item())
+    torch.testing.assert_close(kl.double(), klr.detach(), rtol=1e-5, atol=1e-5)
+    grad_atol = 1e-5 + 0.5 * 7 * FAST_EPS_ABS * (sd * gz.abs().sum(0)).max().item()
+    for name, got, expected in zip(("mu", "logvar", "prior_mu", "prior_logvar"), grads, want):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=grad_atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("prior_logvar", [None, 0.3])
+def test_kl_and_its_gradient_accurate_near_collapse(prior_logvar):
+    """|d| from 1e-6 up through the series cutoff: relative error < 1e-5 in float32 with exp_accurate_f32."""
+    magnitudes = torch.logspace(-6, 0.3, 120, dtype=F64)
+    d64 = torch.cat([magnitudes, -magnitudes, torch.tensor([0.4999, 0.5, 0.5001, -0.4999, -0.5, -0.5001], dtype=F64)])
+    base = 0.0 if prior_logvar is None else prior_logvar
+    plv = None if prior_logvar is None else torch.full_like(d64, base).float()
+    lv = (base + d64).float().requires_grad_()
+    mu = torch.zeros_like(lv)
+    d = lv.detach().double() - (0.0 if plv is None else plv.double())  # exact (Sterbenz)
+    exact_g = torch.expm1(d) - d
+    with fv.use_backend("triton"):
+        kl = fv.kl_normal(mu, lv, None, plv, reduction="none")
+        grad_out = torch.linspace(0.5, 1.5, kl.numel()).reshape(kl.shape)
+        (dlv,) = torch.autograd.grad(kl, lv, grad_out)
+    rel = ((kl.double() - 0.5 * exact_g).abs() / (0.5 * exact_g)).max().item()
+    assert rel < 1e-5, rel
+    exact_dlv = grad_out.double() * 0.5 * torch.expm1(d)
+    rel_grad = ((dlv.double() - exact_dlv).abs() / exact_dlv.abs()).max().item()
+    assert rel_grad < 1e-5, rel_grad
+
+
+def test_finite_and_accurate_for_logvar_up_to_80():
+    gen = torch.Generator().manual_seed(80)
+    lv = torch.cat([torch.linspace(-80, 80, 41, dtype=F64), torch.tensor([-80.0, 80.0], dtype=F64)])
+    lv = lv.reshape(1, -1).expand(3, -1).float().requires_grad_()
+    mu = torch.randn(lv.shape, generator=gen).requires_grad_()
+    plv = (torch.rand(lv.shape[1], generator=gen, dtype=F64) * 6 - 3).float().requires_grad_()
+    with fv.use_backend("triton"):
+        for prior in (None, plv):
+            z, kl = fv.rsample_kl(mu, lv, None, prior, n_samples=2, reduction="none")
+            grads = torch.autograd.grad([z.sum(), kl.sum()], [mu, lv] + ([] if prior is None else [prior]))
+            for t in (z, kl, *grads):
+                assert torch.isfinite(t).all()
+            up = (lambda t: None if t is None else t.detach().double())  # noqa: E731
+            exact = reference.kl_normal_elementwise(up(mu), up(lv), None, up(prior))
+            eager = reference.kl_normal_elementwise(mu.detach(), lv.detach(), None, prior)
+            kernel_err = ((kl.double() - exact) / exact).abs().max().item()
+            eager_err = ((eager.double() - exact) / exact).abs().max().item()
+            assert kernel_err <= 2 * eager_err + 1e-6, (kernel_err, eager_err)
+
+
+@pytest.mark.parametrize("offset, prior", [(2**33 + 8, False), (2**33 + 7, True)])  # whole blocks or not
+def test_spread_backward(monkeypatch, offset, prior):
+    """K = 64 samples of a 3 x 4 posterior: chunks across programs (forward and backward), as the loop to rounding."""
+    gen = torch.Generator().manual_seed(offset + prior)
+    mu, lv = (torch.randn(3, 4, generator=gen).requires_grad_() for _ in range(2))
+    plv = torch.randn(4, generator=gen).requires_grad_() if prior else None
+    gz, gk = torch.randn(64, 3, 4, generator=gen), torch.randn(3, generator=gen)
+    kw = dict(n_samples=64, seed=77, offset=offset, sample=True, kl=True, reduction="per_sample")
+    leaves = [mu, lv] + ([plv] if prior else [])
+    grids = []
+    real_kernel = ksample_kl._sample_kl_backward_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real_kernel[grid]
+
+    monkeypatch.setattr(ksample_kl, "_sample_kl_backward_kernel", Spy())
+    spread = ksample_kl.rsample_kl(mu, lv, None, plv, **kw)
+    spread_grads = torch.autograd.grad(spread, leaves, [gz, gk])
+    assert grids[0][1] > 1  # the samples in chunks across programs
+    monkeypatch.setattr(ksample_kl._common, "target_programs", lambda device: 1)
+    looped = ksample_kl.rsample_kl(mu, lv, None, plv, **kw)
+    looped_grads = torch.autograd.grad(looped, leaves, [gz, gk])
+    assert grids[-1][1] == 1
+    for a, b in zip(spread, looped):
+        assert torch.equal(a, b)
+    for a, b in zip(spread_grads, looped_grads):  # 64 terms summed in another order (seen: 1.7e-6 apart at 0.36)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    up = [t.detach().double().requires_grad_() for t in leaves]
+    z_ref, kl_ref = reference.rsample_kl(up[0], up[1], None, up[2] if prior else None, **kw)
+    sd = torch.exp(0.5 * lv.detach().double())
+    torch.testing.assert_close(spread[0].double(), z_ref.detach(), rtol=1e-5,
+                               atol=1e-5 + 7 * FAST_EPS_ABS * sd.max().item())
+    want_grads = torch.autograd.grad((z_ref, kl_ref), up, [gz.double(), gk.double()])
+    grad_atol = 8e-5 + 0.5 * 7 * FAST_EPS_ABS * (sd * gz.abs().sum(0)).max().item()
+    for got, expected in zip(spread_grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=grad_atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# gaussian_nll / gaussian_nll_loss: rcp.approx divisions and the clamped log
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_nll(fn, inputs, gen, monkeypatch):
+    """The Triton backend (FAST taken) within 2x eager's error + 8 ulps of float64, value and gradients."""
+    taken = []
+    real_fast = kgnll._fast
+    monkeypatch.setattr(kgnll, "_fast", lambda *a: taken.append(real_fast(*a)) or taken[-1])
+    results = {}
+    for name, backend, dtype in (("kernel", "triton", F32), ("eager", "reference", F32), ("exact", "reference", F64)):
+        args = {n: (v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v)
+                for n, v in inputs.items()}
+        with fv.use_backend(backend):
+            out = fn(**args)
+        if "g" not in results:
+            results["g"] = torch.rand(out.shape, generator=gen, dtype=F64) * 1.5 + 0.25
+        tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
+        results[name] = [out.detach(), *torch.autograd.grad(out, tensors, results["g"].to(out.dtype))]
+    assert taken and all(taken)  # every launch took the FAST path
+    names = ["value"] + [n for n, v in inputs.items() if isinstance(v, torch.Tensor)]
+    for name, k, e, x in zip(names, results["kernel"], results["eager"], results["exact"]):
+        assert_within_twice_eager(name, k, e, x, F32)
+
+
+NLL_VAR_SHAPES = {"per-element": (4, 3, 5, 7), "per-channel": (3, 1, 1), "per-sample": (4, 1, 1, 1), "float": None}
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none", "mean"])
+@pytest.mark.parametrize("var_shape", list(NLL_VAR_SHAPES))
+def test_gaussian_nll_loss_fast(var_shape, reduction, monkeypatch):
+    gen = torch.Generator().manual_seed(len(var_shape) * 7 + len(reduction))
+    shape = (4, 3, 5, 7)
+    x, target = torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape, generator=gen, dtype=F64)
+    if NLL_VAR_SHAPES[var_shape] is None:
+        var = 0.7
+    else:  # variances over several binades, some clamped by eps, one exactly 1 (log 1 = 0)
+        var = torch.exp(torch.randn(NLL_VAR_SHAPES[var_shape], generator=gen, dtype=F64) * 3)
+        if var_shape == "per-element":
+            var[0, 0, 0, :3] = torch.tensor([1e-9, 0.0, 1.0])
+            var[1, 0, 0, 0] = 1.0 + 2.0**-20
+
+    def fn(input, target, var):
+        return fv.gaussian_nll_loss(input, target, var, full=True, eps=1e-6, reduction=reduction)
+
+    _check_nll(fn, {"input": x, "target": target, "var": var}, gen, monkeypatch)
+
+
+@pytest.mark.parametrize("sigma_shape", [(4, 3, 5, 7), (3, 1, 1), ()])
+@pytest.mark.parametrize("reduction", ["sum", "per_sample", "none"])
+def test_gaussian_nll_fast(sigma_shape, reduction, monkeypatch):
+    gen = torch.Generator().manual_seed(len(sigma_shape) * 5 + len(reduction))
+    shape = (4, 3, 5, 7)
+    x, mean = torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape, generator=gen, dtype=F64)
+    log_sigma = torch.randn(sigma_shape, generator=gen, dtype=F64) * 2
+
+    def fn(x, mean, log_sigma):
+        return fv.gaussian_nll(x, mean, log_sigma, reduction=reduction, full=True)
+
+    _check_nll(fn, {"x": x, "mean": mean, "log_sigma": log_sigma}, gen, monkeypatch)
