@@ -173,6 +173,17 @@ def test_z_within_the_fast_bound(case, dtype):
     assert excess <= 1.0, excess
 
 
+@pytest.mark.parametrize("dtype, pairs", [(torch.bfloat16, True), (torch.float16, True), (F32, False)])
+def test_16_bit_whole_blocks_draw_eight_normals_a_thread(monkeypatch, dtype, pairs):
+    """The cases above cover philox_normal_tile_pairs (16-bit, whole blocks, one-dim rows) under FAST."""
+    calls = []
+    real = kphilox.philox_normal_tile_pairs
+    monkeypatch.setattr(kphilox, "philox_normal_tile_pairs", lambda *a: calls.append(1) or real(*a))
+    mu = torch.zeros(5, 16, dtype=dtype)
+    ksample_kl.rsample_kl(mu, mu, None, None, n_samples=1, seed=1, offset=8, sample=True, kl=False, reduction="sum")
+    assert bool(calls) == pairs
+
+
 def test_noise_statistics_of_the_fast_path():
     """262144 FAST normals through the sample kernel: moments, Kolmogorov-Smirnov, tails, neighbours, the bound."""
     zeros = torch.zeros(64, 1024)
@@ -231,6 +242,27 @@ def test_values_and_grads_against_float64(shape, offset, reduction):
     grad_atol = 1e-5 + 0.5 * 7 * FAST_EPS_ABS * (sd * gz.abs().sum(0)).max().item()
     for name, got, expected in zip(("mu", "logvar", "prior_mu", "prior_logvar"), grads, want):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=grad_atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("shape, n_samples", [((6, 16), 1), ((5, 32), 2), ((3, 2, 8), 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_values_and_grads_within_twice_eager(shape, n_samples, dtype):
+    """16-bit inputs (eight normals a thread where a row is one dim): the backward regenerates the forward's noise."""
+    gen = torch.Generator().manual_seed(16 * n_samples + len(shape))
+    inputs = [torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape, generator=gen, dtype=F64),
+              torch.randn(shape[1:], generator=gen, dtype=F64) * 0.7, torch.randn(shape[-1], generator=gen, dtype=F64)]
+    kw = dict(n_samples=n_samples, seed=4321, offset=2**36 + 32, sample=True, kl=True, reduction="per_dim")
+    outputs = {}
+    for name, op, dt in (("kernel", ksample_kl.rsample_kl, dtype), ("eager", reference.rsample_kl, dtype),
+                         ("exact", reference.rsample_kl, F64)):
+        leaves = [t.to(dtype).to(dt).requires_grad_() for t in inputs]
+        z, kl = op(*leaves, **kw)
+        gen_g = torch.Generator().manual_seed(5)
+        gz, gk = (torch.randn(t.shape, generator=gen_g, dtype=F64).to(t.dtype) for t in (z, kl))
+        outputs[name] = [z.detach(), kl.detach(), *torch.autograd.grad([z, kl], leaves, [gz, gk])]
+    names = ("z", "kl", "dmu", "dlogvar", "dprior_mu", "dprior_logvar")
+    for name, k, e, x in zip(names, outputs["kernel"], outputs["eager"], outputs["exact"]):
+        assert_within_twice_eager(name, k, e, x, k.dtype if k.dtype == dtype else F32)
 
 
 @pytest.mark.parametrize("prior_logvar", [None, 0.3])
