@@ -18,8 +18,8 @@ interpreter has no assembler), and the interpreter is where the CPU tests check 
 the kernels keep their exact float32 path (bounded-range polynomials, :mod:`._common`'s exp/log)
 and take these wrappers only when their ``FAST`` constexpr is True, which the launchers set to
 ``tensor.is_cuda`` outside the interpreter (:func:`is_fast`): True on every real (and stub-compiled,
-:mod:`bench.static`) CUDA launch, False under the interpreter. The FAST path's numbers are therefore checked on a GPU only (parity
-tolerances widened there), its code by compiling for sm_90 on CPU (``tests/test_noise.py``).
+:mod:`bench.static`) CUDA launch, False under the interpreter. Its numbers are checked on a GPU, and on CPU through
+:data:`EMULATED` (``tests/test_fast_path_emulated.py``); its code by compiling for sm_90 (``tests/test_noise.py``).
 
 Example (in a kernel)::
 
