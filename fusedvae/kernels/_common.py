@@ -72,6 +72,55 @@ PROGRAMS_PER_SM = 16
 INTERPRETER_PROGRAMS = 4
 
 
+# Host time: every launcher call runs the plan functions below (shapes, strides, tilings: pure functions of the
+# operands' metadata). Each is memoised on a hashable key of everything it reads, in bounded LRU caches, so a
+# training loop's repeated calls skip the Python (~0.1 ms a call). ``triton.cdiv`` / ``next_power_of_2`` are
+# constexpr functions whose host calls unwrap every argument: plain integer versions here.
+_PLAN_CACHE_SIZE = 1024
+
+
+def _cdiv(x: int, y: int) -> int:
+    return (x + y - 1) // y
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0  # triton.next_power_of_2's value, 0 for 0
+
+
+def _meta(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What a plan reads of a tensor: its shape and strides (never its data, its address or its dtype)."""
+    return tuple(t.shape), t.stride()
+
+
+def _hashable(key) -> bool:
+    """False for a key holding symbolic sizes (fake tensors under dynamic shapes): those plans are not cached."""
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+class _NotExpandable(Exception):
+    """A shape that does not broadcast: the uncached path lets torch's ``expand`` raise its own error."""
+
+
+def _expand_strides(shape: tuple[int, ...], strides: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...]:
+    """``torch.Tensor.expand(target).stride()`` of a tensor of ``shape`` and ``strides``, without a view."""
+    lead = len(target) - len(shape)
+    if lead < 0:
+        raise _NotExpandable
+    out = [0] * lead
+    for size, stride, want in zip(shape, strides, target[lead:]):
+        if size == want:
+            out.append(stride)
+        elif size == 1:
+            out.append(0)
+        else:
+            raise _NotExpandable
+    return tuple(out)
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs fill ``device``: ``PROGRAMS_PER_SM`` per SM on a GPU, a few in the interpreter."""
     if device.type != "cuda":
@@ -92,30 +141,46 @@ def contiguous_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
-    """``t``'s strides when it is non-overlapping and dense (any dim order), else None."""
+def _dense_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...] | None:
     step = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+    for size, stride in sorted(((s, st) for s, st in zip(shape, strides) if s != 1), key=lambda p: p[1]):
         if stride != step:
             return None
         step *= size
-    return tuple(t.stride())
+    return tuple(strides)
+
+
+def dense_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """``t``'s strides when it is non-overlapping and dense (any dim order), else None."""
+    return _dense_strides(tuple(t.shape), t.stride())
+
+
+def _output_strides(lead_shape: tuple[int, ...], lead_strides: tuple[int, ...], shape: tuple[int, ...]):
+    dense = _dense_strides(lead_shape, lead_strides) if lead_shape == shape else None
+    return dense or contiguous_strides(shape)
 
 
 def output_strides(lead: torch.Tensor, shape) -> tuple[int, ...]:
     """The layout policy: the strides of an output of ``shape`` produced from the lead operand ``lead``."""
-    dense = dense_strides(lead) if tuple(lead.shape) == tuple(shape) else None
-    return dense or contiguous_strides(shape)
+    return _output_strides(tuple(lead.shape), lead.stride(), tuple(shape))
+
+
+def _policy_strides(shape: tuple[int, ...], lead_shape: tuple[int, ...], lead_strides: tuple[int, ...]):
+    numel = math.prod(lead_shape)
+    if shape == lead_shape and numel:
+        return _output_strides(lead_shape, lead_strides, shape)
+    if shape[1:] == lead_shape and numel:
+        return (numel, *_output_strides(lead_shape, lead_strides, lead_shape))
+    return contiguous_strides(shape)
+
+
+_policy_strides_cached = functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)(_policy_strides)
 
 
 def policy_strides(shape, lead: torch.Tensor) -> tuple[int, ...]:
     """:func:`output_strides` for any op output: ``lead``'s shape, or samples of it stacked in front (``z``)."""
-    shape = tuple(shape)
-    if shape == tuple(lead.shape) and lead.numel():
-        return output_strides(lead, shape)
-    if shape[1:] == tuple(lead.shape) and lead.numel():
-        return (lead.numel(), *output_strides(lead, lead.shape))
-    return contiguous_strides(shape)
+    key = (tuple(shape), tuple(lead.shape), lead.stride())
+    return (_policy_strides_cached if _hashable(key) else _policy_strides)(*key)
 
 
 def in_policy_layout(t: torch.Tensor, lead: torch.Tensor) -> torch.Tensor:
@@ -159,7 +224,11 @@ class StridedView(NamedTuple):
 
 
 def _row_view(shape, operands) -> StridedView | None:
-    present = [tuple(t.stride()) for t in operands if t is not None]
+    return _row_view_strides(tuple(shape), [None if t is None else tuple(t.stride()) for t in operands])
+
+
+def _row_view_strides(shape: tuple[int, ...], operands: list[tuple[int, ...] | None]) -> StridedView | None:
+    present = [s for s in operands if s is not None]
     columns = merge_dims([(shape[j], tuple(s[j] for s in present)) for j in range(1, len(shape))])
     if len(columns) > SLOTS:
         return None
@@ -167,7 +236,7 @@ def _row_view(shape, operands) -> StridedView | None:
     inner_rank = max(1, sum(1 for size, _ in columns if size != 1))
     row_strides = [s[0] if shape[0] != 1 else 0 for s in present]
     per_operand = iter(zip(row_strides, *(strides for _, strides in columns)))
-    strides = tuple(next(per_operand) if t is not None else (0, 0, 0, 0) for t in operands)
+    strides = tuple(next(per_operand) if s is not None else (0, 0, 0, 0) for s in operands)
     dims = tuple(size for size, _ in columns)
     return StridedView(shape[0], dims[0] * dims[1] * dims[2], dims, inner_rank, strides)
 
@@ -203,20 +272,28 @@ class RowTiling(NamedTuple):
 def row_tiling(rows: int, cols: int, device: torch.device, override: tuple[int, int, int] | None = None) -> RowTiling:
     """Tiles and row steps that fill ``device`` (``override``: a test's ``(BLOCK_B, BLOCK_N, row_steps)``)."""
     if override is not None:
+        return _row_tiling(rows, cols, False, 0, tuple(override))
+    return _row_tiling(rows, cols, device.type == "cuda", target_programs(device), None)
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _row_tiling(rows: int, cols: int, cuda: bool, programs: int, override: tuple[int, int, int] | None) -> RowTiling:
+    if override is not None:
         block_b, block_n, row_steps = override
     else:
         # The interpreter pays per program and per op, not per element: bigger tiles there.
-        tile = 1024 if device.type == "cuda" else 4096
-        block_n = min(triton.next_power_of_2(cols), tile)
-        block_b = min(max(1, tile // block_n), triton.next_power_of_2(rows))
-        row_blocks = triton.cdiv(rows, block_b)
-        blocks = row_blocks * triton.cdiv(cols, block_n)
-        row_steps = max(1, min(row_blocks, _MAX_ROW_STEPS, blocks // target_programs(device)))
-    n_row_chunks = triton.cdiv(triton.cdiv(rows, block_b), row_steps)
-    return RowTiling(block_b, block_n, row_steps, triton.cdiv(cols, block_n), n_row_chunks,
-                   8 if block_b * block_n >= 4096 else 4)
+        tile = 1024 if cuda else 4096
+        block_n = min(_next_power_of_2(cols), tile)
+        block_b = min(max(1, tile // block_n), _next_power_of_2(rows))
+        row_blocks = _cdiv(rows, block_b)
+        blocks = row_blocks * _cdiv(cols, block_n)
+        row_steps = max(1, min(row_blocks, _MAX_ROW_STEPS, blocks // programs))
+    n_row_chunks = _cdiv(_cdiv(rows, block_b), row_steps)
+    return RowTiling(block_b, block_n, row_steps, _cdiv(cols, block_n), n_row_chunks,
+                     8 if block_b * block_n >= 4096 else 4)
 
 
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
 def row_view_needs_int64(view: StridedView, tiling: RowTiling, n_samples: int = 1, sample_stride: int = 0) -> bool:
     """Whether any offset a program over ``view`` forms (masked lanes, every sample's too) may reach 2^31."""
     rows = tiling.n_row_chunks * tiling.row_steps * tiling.block_b
@@ -236,10 +313,33 @@ def row_plan(lead: torch.Tensor, operands: list[torch.Tensor | None]):
     ``lead.shape`` (contiguous in the fallback, which :func:`in_policy_layout` then copies from).
     """
     shape2 = lead.shape if lead.dim() else torch.Size([1])
+    key = (tuple(lead.shape), lead.stride(), tuple(None if t is None else _meta(t) for t in operands))
+    if _hashable(key):
+        try:
+            plan = _row_plan_meta(*key)
+        except _NotExpandable:
+            plan = None
+        if plan is not None:
+            # The operands as given: the kernel reads them through view.strides (an expand would only cost host time).
+            view, out_strides = plan
+            return shape2, view, list(operands), out_strides
+    # Symbolic sizes, a shape that does not broadcast (expand raises), or the contiguous fallback: the tensors' way.
     out = torch.empty_strided(shape2, output_strides(lead, shape2), device="meta")
     expanded = [None if t is None else t.expand(shape2) for t in operands]
     view, passed = strided_view(shape2, [*expanded, out])
     return shape2, view, passed[:-1], tuple(passed[-1].stride()) if lead.dim() else ()
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _row_plan_meta(lead_shape, lead_strides, operands) -> tuple[StridedView, tuple[int, ...]] | None:
+    """:func:`row_plan`'s ``(view, out_strides)`` from shapes and strides alone; None for the contiguous fallback."""
+    shape2 = lead_shape if lead_shape else (1,)
+    out = _output_strides(lead_shape, lead_strides, shape2)
+    expanded = [None if m is None else _expand_strides(*m, shape2) for m in operands]
+    view = _row_view_strides(shape2, [*expanded, out])
+    if view is None:
+        return None
+    return view, out if lead_shape else ()
 
 
 @triton.jit
@@ -320,25 +420,32 @@ class BroadcastGrid(NamedTuple):
 
 
 def broadcast_grid(layout: BroadcastLayout, device: torch.device, *, lead: str, per_k_partials: bool) -> BroadcastGrid:
+    """The tiles, chunks and program count over ``layout`` that fill ``device``; ``lead`` names the tile's guide."""
+    key = (layout.ksize, layout.rsize, tuple(layout.kstride.items()), tuple(layout.rstride.items()),
+           target_programs(device), lead, per_k_partials)
+    return (_broadcast_grid_cached if _hashable(key) else _broadcast_grid)(*key)
+
+
+def _broadcast_grid(ksize, rsize, kstride, rstride, target: int, lead: str, per_k_partials: bool) -> BroadcastGrid:
+    layout = BroadcastLayout(ksize, rsize, dict(kstride), dict(rstride))
     (k0, k1, k2), (r0, r1, r2) = layout.ksize, layout.rsize
     # The tile's long side follows the operand's most contiguous inner dimension.
     ks, rs = layout.kstride[lead][2], layout.rstride[lead][2]
     kept_first = r2 == 1 or (k2 > 1 and ks != 0 and (rs == 0 or ks < rs))
     if kept_first:
-        block_k = min(triton.next_power_of_2(k2), BROADCAST_TILE)
-        block_r = min(triton.next_power_of_2(r2), max(BROADCAST_TILE // block_k, 1))
+        block_k = min(_next_power_of_2(k2), BROADCAST_TILE)
+        block_r = min(_next_power_of_2(r2), max(BROADCAST_TILE // block_k, 1))
     else:
-        block_r = min(triton.next_power_of_2(r2), BROADCAST_TILE)
-        block_k = min(triton.next_power_of_2(k2), max(BROADCAST_TILE // block_r, 1))
-    n_kblk = triton.cdiv(k2, block_k)
+        block_r = min(_next_power_of_2(r2), BROADCAST_TILE)
+        block_k = min(_next_power_of_2(k2), max(BROADCAST_TILE // block_r, 1))
+    n_kblk = _cdiv(k2, block_k)
     n_kprog = k0 * k1 * n_kblk
-    n_rblk = r0 * r1 * triton.cdiv(r2, block_r)
-    target = target_programs(device)
-    n_rchunks = 1 if n_kprog >= target else min(n_rblk, triton.cdiv(target, n_kprog))
+    n_rblk = r0 * r1 * _cdiv(r2, block_r)
+    n_rchunks = 1 if n_kprog >= target else min(n_rblk, _cdiv(target, n_kprog))
     if per_k_partials and k0 * k1 * k2 > 1:
         n_rchunks = min(n_rchunks, max(1, n_rblk // 4))  # partial buffer (n_rchunks, K) stays <= N / 4
-    chunk_iters = triton.cdiv(n_rblk, n_rchunks)
-    n_rchunks = triton.cdiv(n_rblk, chunk_iters)
+    chunk_iters = _cdiv(n_rblk, n_rchunks)
+    n_rchunks = _cdiv(n_rblk, chunk_iters)
     programs = n_kprog * n_rchunks
     # 64-bit index math when any offset a program can form (masked lanes included) may pass 2^31.
     reach = max(
@@ -349,6 +456,9 @@ def broadcast_grid(layout: BroadcastLayout, device: torch.device, *, lead: str, 
     )
     reach = max(reach, (n_rchunks + 1) * k0 * k1 * (k2 + block_k), programs * (chunk_iters + 1) * block_r)
     return BroadcastGrid(block_k, block_r, n_kblk, n_rblk, n_rchunks, chunk_iters, programs, reach >= INT32_LIMIT)
+
+
+_broadcast_grid_cached = functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)(_broadcast_grid)
 
 
 def layout_strides(layout: BroadcastLayout, name: str | None) -> tuple[int, ...]:
@@ -388,6 +498,17 @@ def broadcast_plan(
     """
     if small is not None and _has_internal_broadcast(small):
         small = small.contiguous()  # one value shared by several σ entries: give each entry its own gradient
+    key = (tuple(shape), tuple((n, _meta(t)) for n, t in full.items()), None if small is None else _meta(small),
+           _meta(out_like) if want_out else None, pin_batch)
+    if _hashable(key):
+        try:
+            cached = _broadcast_plan_meta(*key)
+        except _NotExpandable:
+            cached = None
+        if cached is not None:
+            layout, out_strides = cached
+            return BroadcastPlan(layout, full, small, out_strides, False)
+    # Symbolic sizes, a shape that does not broadcast, or a fallback: the tensors' way.
     out_strides = None
     if want_out:
         out_strides = output_strides(out_like, shape)
@@ -408,6 +529,20 @@ def broadcast_plan(
             small = small.expand(shape).contiguous()
             materialised = True
     raise AssertionError("unreachable: a materialised σ merges into at most two kept dimensions")
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _broadcast_plan_meta(shape, full, small, out_like, pin_batch) -> tuple[BroadcastLayout, tuple | None] | None:
+    """:func:`broadcast_plan`'s first attempt from shapes and strides alone: ``(layout, out_strides)``, or None
+    where it falls back. The layout is shared by every call with this key: callers must not mutate it."""
+    out_strides = None if out_like is None else _output_strides(*out_like, shape)
+    strides = {n: _expand_strides(*m, shape) for n, m in full}
+    if small is not None:
+        strides["s"] = _expand_strides(*small, shape)
+    if out_strides is not None:
+        strides["o"] = out_strides
+    layout = _broadcast_layout(shape, strides, "s" if small is not None else None, pin_batch)
+    return None if layout is None else (layout, out_strides)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -497,6 +632,13 @@ def grad_mode(operand: torch.Tensor, shape2: torch.Size):
     varies along the columns only, ``PER_SAMPLE`` along the rows only; None for any other broadcast
     (the kernel then writes a full-size gradient that torch sums to the operand's shape).
     """
+    key = (tuple(operand.shape), operand.stride(), tuple(shape2))
+    if _hashable(key):
+        try:
+            return _grad_mode(*key)
+        except _NotExpandable:
+            operand.expand(shape2)  # torch's own error
+            raise
     rows, numel = shape2[0], math.prod(shape2)
     if operand.numel() == numel:
         return ELEMENTWISE
@@ -506,6 +648,21 @@ def grad_mode(operand: torch.Tensor, shape2: torch.Size):
     if (strides[0] == 0 or rows == 1) and operand.numel() == numel // rows:
         return PER_DIM
     if all(s == 0 or n == 1 for s, n in zip(strides[1:], shape2[1:])) and operand.numel() == rows:
+        return PER_SAMPLE
+    return None
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _grad_mode(shape: tuple[int, ...], strides: tuple[int, ...], shape2: tuple[int, ...]):
+    rows, numel, size = shape2[0], math.prod(shape2), math.prod(shape)
+    if size == numel:
+        return ELEMENTWISE
+    if size == 1:
+        return SUM
+    expanded = _expand_strides(shape, strides, shape2)
+    if (expanded[0] == 0 or rows == 1) and size == numel // rows:
+        return PER_DIM
+    if all(s == 0 or n == 1 for s, n in zip(expanded[1:], shape2[1:])) and size == rows:
         return PER_SAMPLE
     return None
 
