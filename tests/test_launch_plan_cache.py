@@ -309,3 +309,26 @@ def test_caches_stay_bounded():
         assert cache.cache_info().maxsize == limit
         assert cache.cache_info().currsize <= limit
     assert _common._row_plan_meta.cache_info().currsize == limit
+
+
+def test_channels_last_grad_z_with_samples_matches_reference():
+    """The backward launcher copies ``grad_z`` only when its plan fell back (``row_plan`` hands back the operands
+    given): a channels-last ``grad_z`` of several samples once got copied to contiguous and read through its
+    channels-last strides (dmu off by ~0.8)."""
+    import fusedvae as fv
+    from fusedvae import backend as fv_backend
+
+    if not torch.cuda.is_available() and not fv_backend.triton_interpreter_enabled():
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    gen = torch.Generator().manual_seed(3)
+    mu = torch.randn(2, 4, 3, 5, generator=gen).to(memory_format=torch.channels_last).requires_grad_(True)
+    lv = (0.3 * torch.randn(2, 4, 3, 5, generator=gen)).to(memory_format=torch.channels_last).requires_grad_(True)
+    grads = {}
+    for name in ("triton", "reference"):
+        with fv.use_backend(name):
+            z, _ = fv.rsample_kl(mu, lv, n_samples=2, generator=torch.Generator().manual_seed(1))
+            grad_z = torch.empty_like(z).copy_(torch.arange(z.numel(), dtype=z.dtype).reshape(z.shape) / 100)
+            assert grad_z.stride() == z.stride() and not grad_z.is_contiguous()
+            grads[name] = torch.autograd.grad((z,), (mu, lv), (grad_z,))
+    for got, want in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
