@@ -168,8 +168,10 @@ def test_many_samples_of_a_small_posterior_spread_across_programs(gen, monkeypat
     assert len(backward.grids) == 3 and backward.grids[2][1] == 1
     for a, b in zip(spread, looped):
         assert torch.equal(a, b)
+    # 64 float32 terms summed in another order: ~64 ulps of the sum of |terms|, not an ulp of the result
+    # (with the GPU's FAST noise one element of 0.36 differed by 1.7e-6 under the emulation)
     for a, b in zip(spread_grads, looped_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     want = reference.rsample(mu.detach().double(), lv.detach().double(), n_samples=64, seed=77, offset=offset)
     atol = 1e-5 + FAST_EPS_ABS * torch.exp(0.5 * lv.detach()).max().item()
     torch.testing.assert_close(spread[0].double(), want, rtol=1e-5, atol=atol)
