@@ -22,6 +22,8 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from noise_checks import assert_kl_finite_and_accurate_to_logvar_80, assert_standard_normal  # noqa: E402
+
 import fusedvae as fv  # noqa: E402
 from fusedvae import reference  # noqa: E402
 from fusedvae.kernels import _common as kcommon  # noqa: E402
@@ -192,23 +194,7 @@ def test_noise_statistics_of_the_fast_path():
                                    kl=False, reduction="sum")
     x = eps.double().flatten()
     n = x.numel()
-    mean, var = x.mean().item(), x.var().item()
-    standard = (x - mean) / var**0.5
-    assert abs(mean) < 5 / n**0.5
-    assert abs(var - 1) < 5 * (2 / n) ** 0.5
-    assert abs((standard**3).mean().item()) < 5 * (6 / n) ** 0.5
-    assert abs((standard**4).mean().item() - 3) < 5 * (24 / n) ** 0.5
-    cdf = torch.special.ndtr(x.sort().values)  # Kolmogorov-Smirnov: sqrt(n) D > 1.95 has p = 0.001
-    grid = torch.arange(1, n + 1, dtype=F64) / n
-    d = torch.maximum(grid - cdf, cdf - (grid - 1 / n)).max().item()
-    assert d * n**0.5 < 1.95, d * n**0.5
-    for t in (1.0, 2.0, 3.0, 4.0):
-        p = math.erfc(t / 2**0.5)
-        count = (x.abs() > t).sum().item()
-        assert abs(count - n * p) < 5 * (n * p * (1 - p)) ** 0.5 + 1, (t, count, n * p)
-    for lag in range(1, 9):
-        r = torch.corrcoef(torch.stack([x[:-lag], x[lag:]]))[0, 1].item()
-        assert abs(r) < 5 / n**0.5, (lag, r)
+    assert_standard_normal(x, tails=(1.0, 2.0, 3.0, 4.0))
     # sd = exp(0) by exp_accurate_f32 (emulated ex2 2^-22 high): within 8 ulps of eps beyond the noise bound
     excess = ((x - reference.philox_normal(seed, offset, n, dtype=F64)).abs()
               - FAST_EPS_ABS * (1.0 + radius_of(seed, offset, n)) - 8 * EPS32 * x.abs()).max().item()
@@ -288,23 +274,7 @@ def test_kl_and_its_gradient_accurate_near_collapse(prior_logvar):
 
 
 def test_finite_and_accurate_for_logvar_up_to_80():
-    gen = torch.Generator().manual_seed(80)
-    lv = torch.cat([torch.linspace(-80, 80, 41, dtype=F64), torch.tensor([-80.0, 80.0], dtype=F64)])
-    lv = lv.reshape(1, -1).expand(3, -1).float().requires_grad_()
-    mu = torch.randn(lv.shape, generator=gen).requires_grad_()
-    plv = (torch.rand(lv.shape[1], generator=gen, dtype=F64) * 6 - 3).float().requires_grad_()
-    with fv.use_backend("triton"):
-        for prior in (None, plv):
-            z, kl = fv.rsample_kl(mu, lv, None, prior, n_samples=2, reduction="none")
-            grads = torch.autograd.grad([z.sum(), kl.sum()], [mu, lv] + ([] if prior is None else [prior]))
-            for t in (z, kl, *grads):
-                assert torch.isfinite(t).all()
-            up = (lambda t: None if t is None else t.detach().double())  # noqa: E731
-            exact = reference.kl_normal_elementwise(up(mu), up(lv), None, up(prior))
-            eager = reference.kl_normal_elementwise(mu.detach(), lv.detach(), None, prior)
-            kernel_err = ((kl.double() - exact) / exact).abs().max().item()
-            eager_err = ((eager.double() - exact) / exact).abs().max().item()
-            assert kernel_err <= 2 * eager_err + 1e-6, (kernel_err, eager_err)
+    assert_kl_finite_and_accurate_to_logvar_80(torch.Generator().manual_seed(80), "cpu")
 
 
 @pytest.mark.parametrize("offset, prior", [(2**33 + 8, False), (2**33 + 7, True)])  # whole blocks or not
