@@ -60,3 +60,26 @@ def assert_kl_finite_and_accurate_to_logvar_80(gen: torch.Generator, device) -> 
             kernel_err = ((kl.double() - exact) / exact).abs().max().item()
             eager_err = ((eager.double() - exact) / exact).abs().max().item()
             assert kernel_err <= 2 * eager_err + 1e-6, (kernel_err, eager_err)
+
+
+def assert_kl_accurate_near_collapse(prior_logvar: float | None, device) -> None:
+    """``fv.kl_normal`` (triton backend, float32) and its logvar gradient for |d| from 1e-6 up through the series
+    cutoff: relative error < 1e-5 (the textbook form has 100%)."""
+    magnitudes = torch.logspace(-6, 0.3, 120, dtype=F64)
+    d64 = torch.cat([magnitudes, -magnitudes, torch.tensor([0.4999, 0.5, 0.5001, -0.4999, -0.5, -0.5001], dtype=F64)])
+    base = 0.0 if prior_logvar is None else prior_logvar
+    plv = None if prior_logvar is None else torch.full_like(d64, base).float().to(device)
+    lv = (base + d64).float().to(device).requires_grad_()
+    mu = torch.zeros_like(lv)
+    # the d the kernel sees: lv - lv_p is exact in float32 here (Sterbenz), so this is exact
+    d = lv.detach().double() - (0.0 if plv is None else plv.double())
+    exact_g = torch.expm1(d) - d
+    with fv.use_backend("triton"):
+        kl = fv.kl_normal(mu, lv, None, plv, reduction="none")
+        grad_out = torch.linspace(0.5, 1.5, kl.numel(), device=device).reshape(kl.shape)
+        (dlv,) = torch.autograd.grad(kl, lv, grad_out)
+    rel = ((kl.double() - 0.5 * exact_g).abs() / (0.5 * exact_g)).max().item()
+    assert rel < 1e-5, rel
+    exact_dlv = grad_out.double() * 0.5 * torch.expm1(d)
+    rel_grad = ((dlv.double() - exact_dlv).abs() / exact_dlv.abs()).max().item()
+    assert rel_grad < 1e-5, rel_grad
