@@ -311,6 +311,11 @@ def row_plan(lead: torch.Tensor, operands: list[torch.Tensor | None]):
     The outputs' layout (:func:`output_strides`) takes part in the merge as one more operand, so
     ``view.strides[-1]`` are the outputs' strides over the view; ``out_strides`` are the same over
     ``lead.shape`` (contiguous in the fallback, which :func:`in_policy_layout` then copies from).
+    ``operands`` come back as given (the very objects: a launcher may test ``is``), or as contiguous copies of
+    their broadcasts in the fallback. Memoised on shapes and strides (:func:`_row_plan_meta`).
+
+    Example: ``row_plan(mu, [mu, logvar, None])`` for a (B, D) ``mu`` gives ``shape2 == (B, D)``, one merged
+    column dim of D and ``view.strides[-1] == (D, 0, 0, 1)`` for a contiguous ``mu``.
     """
     shape2 = lead.shape if lead.dim() else torch.Size([1])
     key = (tuple(lead.shape), lead.stride(), tuple(None if t is None else _meta(t) for t in operands))
