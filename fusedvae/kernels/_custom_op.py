@@ -22,6 +22,8 @@ so a captured CUDA graph replays a fresh draw and Dynamo sees no data-dependent 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 NAMESPACE = "fusedvae"
@@ -39,3 +41,47 @@ def absent(like: torch.Tensor) -> torch.Tensor:
 def dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` with the contiguous strides the fake implementations promise (a no-op when it has them)."""
     return t if t.is_contiguous() else t.contiguous()
+
+
+# Eager route ----------------------------------------------------------------------------------
+# The custom ops exist for torch.compile; in eager mode their dispatch (autograd_impl, redispatch,
+# backend_impl, the dynamo-disable wrapper, fill_defaults) was about half the host time of a full
+# forward+backward call, which made small calls launch-bound on a GPU. So the public entries run a
+# plain autograd.Function in eager mode, built from the SAME implementation, setup_context and
+# backward as the op (the backward calling the backward op's implementation instead of the op):
+# both routes run the same launchers and give bitwise-equal values (tests/test_eager_route.py).
+
+
+def _plain(t: torch.Tensor) -> bool:
+    # A tensor subclass (FakeTensor, DTensor, ...) or a meta tensor must meet the op (its fake impl,
+    # its subclass dispatch); so must any tracer that works by a dispatch mode (make_fx, export).
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
+
+
+def register(op, forward_impl, setup_context, backward, backward_op, backward_impl) -> type[torch.autograd.Function]:
+    """Tie ``op`` to its backward and return the eager-mode autograd.Function of the same op.
+
+    ``backward(run_backward, ctx, *grads)`` gets ``backward_op`` under the custom op (an opaque node
+    in compiled backward graphs) and ``backward_impl`` (the backward op's plain implementation) in
+    the eager Function; ``forward_impl`` is the forward op's implementation, ``setup_context`` is
+    shared. Example::
+
+        _Fn = register(_fwd_op, _fwd_impl, _setup, _bwd, torch.ops.fusedvae.x_backward, _bwd_impl)
+        out = call(torch.ops.fusedvae.x_forward, _Fn, a, b)
+    """
+    op.register_autograd(functools.partial(backward, backward_op), setup_context=setup_context)
+    return type(f"Eager_{forward_impl.__name__.strip('_').removesuffix('_impl')}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward_impl),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(functools.partial(backward, backward_impl)),
+    })
+
+
+def call(op, function: type[torch.autograd.Function], first: torch.Tensor, *args):
+    """``op(first, *args)`` while compiling or tracing (or for a subclass / meta ``first``), else ``function``.
+
+    Only the first tensor is inspected: the launchers' device checks reject mixed devices either way.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(first):
+        return op(first, *args)
+    return function.apply(first, *args)

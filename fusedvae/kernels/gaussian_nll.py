@@ -559,7 +559,8 @@ def _backward(
 #
 # Each op's forward and backward launchers are ``torch.library`` custom ops tied together by
 # ``register_autograd``, as in :mod:`.sample_kl` (where the choice is explained): one opaque node
-# for ``torch.compile``. The fake implementations mirror the launchers' outputs exactly (shape,
+# for ``torch.compile`` (in eager mode, an autograd.Function of the same implementations:
+# ``_custom_op.call``). The fake implementations mirror the launchers' outputs exactly (shape,
 # dtype and strides: inductor asserts the strides of a custom op's outputs). A ``"none"`` output and
 # the gradients of full-size operands follow ``_plan``'s ``out_strides`` (the layout of ``x`` /
 # ``input`` when it is dense), so the fakes run the same ``_plan``; every other output is contiguous.
@@ -624,13 +625,15 @@ def _needs(ctx, count: int) -> tuple[bool, ...]:
 # gaussian_nll ------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("gaussian_nll_forward"),
+def _gaussian_nll_forward_impl(x, mean, log_sigma, full, reduction):
+    return _forward(OP_NLL, x, mean, log_sigma, tuple(x.shape), reduction=reduction, full=full)
+
+
+_gaussian_nll_forward_op = torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_forward"), _gaussian_nll_forward_impl,
     mutates_args=(),
     schema="(Tensor x, Tensor mean, Tensor log_sigma, bool full, str reduction) -> Tensor",
 )
-def _gaussian_nll_forward_op(x, mean, log_sigma, full, reduction):
-    return _forward(OP_NLL, x, mean, log_sigma, tuple(x.shape), reduction=reduction, full=full)
 
 
 @_gaussian_nll_forward_op.register_fake
@@ -638,17 +641,19 @@ def _(x, mean, log_sigma, full, reduction):
     return _fake_forward(x, mean, log_sigma, tuple(x.shape), reduction)
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("gaussian_nll_backward"),
-    mutates_args=(),
-    schema="(Tensor grad, Tensor x, Tensor mean, Tensor log_sigma, str reduction, bool need_x, bool need_mean, "
-    "bool need_log_sigma) -> (Tensor, Tensor, Tensor)",
-)
-def _gaussian_nll_backward_op(grad, x, mean, log_sigma, reduction, need_x, need_mean, need_log_sigma):
+def _gaussian_nll_backward_impl(grad, x, mean, log_sigma, reduction, need_x, need_mean, need_log_sigma):
     shape = tuple(x.shape)
     grads = _backward(OP_NLL, x, mean, log_sigma, shape, grad, reduction=reduction,
                       needs=(need_x, need_mean, need_log_sigma))
     return _backward_outputs(x, mean, log_sigma, shape, grads)
+
+
+_gaussian_nll_backward_op = torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_backward"), _gaussian_nll_backward_impl,
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor mean, Tensor log_sigma, str reduction, bool need_x, bool need_mean, "
+    "bool need_log_sigma) -> (Tensor, Tensor, Tensor)",
+)
 
 
 @_gaussian_nll_backward_op.register_fake
@@ -662,16 +667,18 @@ def _gaussian_nll_setup_context(ctx, inputs, output):
     ctx.reduction = reduction
 
 
-def _gaussian_nll_backward(ctx, grad):
+def _gaussian_nll_backward(run_backward, ctx, grad):
     x, mean, log_sigma = ctx.saved_tensors
     needs = _needs(ctx, 3)
     if not any(needs):
         return None, None, None, None, None
-    dx, dm, ds = torch.ops.fusedvae.gaussian_nll_backward(grad, x, mean, log_sigma, ctx.reduction, *needs)
+    dx, dm, ds = run_backward(grad, x, mean, log_sigma, ctx.reduction, *needs)
     return dx if needs[0] else None, dm if needs[1] else None, ds if needs[2] else None, None, None
 
 
-_gaussian_nll_forward_op.register_autograd(_gaussian_nll_backward, setup_context=_gaussian_nll_setup_context)
+_GaussianNLL = _custom_op.register(_gaussian_nll_forward_op, _gaussian_nll_forward_impl, _gaussian_nll_setup_context,
+                                   _gaussian_nll_backward, torch.ops.fusedvae.gaussian_nll_backward,
+                                   _gaussian_nll_backward_impl)
 
 
 # backend entry points ----------------------------------------------------------------------------
@@ -683,6 +690,8 @@ def gaussian_nll(
     """``r^2/2 + s [+ log(2 pi)/2]``, ``r = (x - mean) exp(-s)``; ``"none"`` (result dtype), ``"sum"``, ``"per_sample"``
 
     ``log_sigma`` broadcasts to ``x`` by strides; its gradient is summed over the broadcast positions.
-    Runs the ``fusedvae::gaussian_nll_forward`` custom op (``..._backward`` in backward).
+    Runs the ``fusedvae::gaussian_nll_forward`` custom op (``..._backward`` in backward) under torch.compile,
+    the same implementations through an autograd.Function in eager mode.
     """
-    return torch.ops.fusedvae.gaussian_nll_forward(x, mean, log_sigma, bool(full), reduction)
+    return _custom_op.call(torch.ops.fusedvae.gaussian_nll_forward, _GaussianNLL, x, mean, log_sigma, bool(full),
+                           reduction)

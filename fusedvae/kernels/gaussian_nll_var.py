@@ -21,14 +21,16 @@ def _var_shape(input: torch.Tensor, target: torch.Tensor, var: torch.Tensor) -> 
 
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("gaussian_nll_var_forward"),
+def _gaussian_nll_var_forward_impl(input, target, var, full, eps, reduction):
+    shape = _var_shape(input, target, var)
+    return _forward(OP_VAR, input, target, var, shape, reduction=reduction, full=full, eps=eps)
+
+
+_gaussian_nll_var_forward_op = torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_var_forward"), _gaussian_nll_var_forward_impl,
     mutates_args=(),
     schema="(Tensor input, Tensor target, Tensor var, bool full, float eps, str reduction) -> Tensor",
 )
-def _gaussian_nll_var_forward_op(input, target, var, full, eps, reduction):
-    shape = _var_shape(input, target, var)
-    return _forward(OP_VAR, input, target, var, shape, reduction=reduction, full=full, eps=eps)
 
 
 @_gaussian_nll_var_forward_op.register_fake
@@ -36,17 +38,19 @@ def _(input, target, var, full, eps, reduction):
     return _fake_forward(input, target, var, _var_shape(input, target, var), reduction)
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("gaussian_nll_var_backward"),
-    mutates_args=(),
-    schema="(Tensor grad, Tensor input, Tensor target, Tensor var, float eps, str reduction, bool need_input, "
-    "bool need_target, bool need_var) -> (Tensor, Tensor, Tensor)",
-)
-def _gaussian_nll_var_backward_op(grad, input, target, var, eps, reduction, need_input, need_target, need_var):
+def _gaussian_nll_var_backward_impl(grad, input, target, var, eps, reduction, need_input, need_target, need_var):
     shape = _var_shape(input, target, var)
     grads = _backward(OP_VAR, input, target, var, shape, grad, reduction=reduction,
                       needs=(need_input, need_target, need_var), eps=eps)
     return _backward_outputs(input, target, var, shape, grads)
+
+
+_gaussian_nll_var_backward_op = torch.library.custom_op(
+    _custom_op.op_name("gaussian_nll_var_backward"), _gaussian_nll_var_backward_impl,
+    mutates_args=(),
+    schema="(Tensor grad, Tensor input, Tensor target, Tensor var, float eps, str reduction, bool need_input, "
+    "bool need_target, bool need_var) -> (Tensor, Tensor, Tensor)",
+)
 
 
 @_gaussian_nll_var_backward_op.register_fake
@@ -61,17 +65,18 @@ def _gaussian_nll_var_setup_context(ctx, inputs, output):
     ctx.eps, ctx.reduction = eps, reduction
 
 
-def _gaussian_nll_var_backward(ctx, grad):
+def _gaussian_nll_var_backward(run_backward, ctx, grad):
     input, target, var = ctx.saved_tensors
     needs = _needs(ctx, 3)
     if not any(needs):
         return (None,) * 6
-    di, dt, dv = torch.ops.fusedvae.gaussian_nll_var_backward(grad, input, target, var, ctx.eps, ctx.reduction, *needs)
+    di, dt, dv = run_backward(grad, input, target, var, ctx.eps, ctx.reduction, *needs)
     return di if needs[0] else None, dt if needs[1] else None, dv if needs[2] else None, None, None, None
 
 
-_gaussian_nll_var_forward_op.register_autograd(
-    _gaussian_nll_var_backward, setup_context=_gaussian_nll_var_setup_context
+_GaussianNLLVar = _custom_op.register(
+    _gaussian_nll_var_forward_op, _gaussian_nll_var_forward_impl, _gaussian_nll_var_setup_context,
+    _gaussian_nll_var_backward, torch.ops.fusedvae.gaussian_nll_var_backward, _gaussian_nll_var_backward_impl,
 )
 
 
@@ -83,4 +88,5 @@ def gaussian_nll_var(
     The clamp is invisible to autograd: every entry of ``var`` gets ``(1/v - (input - target)^2/v^2)/2``
     at the clamped ``v``, summed over its broadcast positions.
     """
-    return torch.ops.fusedvae.gaussian_nll_var_forward(input, target, var, bool(full), float(eps), reduction)
+    return _custom_op.call(torch.ops.fusedvae.gaussian_nll_var_forward, _GaussianNLLVar, input, target, var,
+                           bool(full), float(eps), reduction)

@@ -443,20 +443,23 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
 # The launchers are ``torch.library`` custom ops tied together by ``register_autograd`` rather than an
 # autograd.Function: with an autograd.Function Dynamo would speculate its forward and backward (ctx
 # attributes, needs_input_grad, set_materialize_grads), whose support varies between torch releases;
-# this way the op is one opaque node and AOTAutograd puts the backward op in the backward graph. The
+# this way the op is one opaque node and AOTAutograd puts the backward op in the backward graph (in eager
+# mode an autograd.Function of the same implementations skips the op dispatch: _custom_op.call). The
 # context saves the inputs and the forward's noise key tensor (16 bytes): the backward regenerates the
 # same noise from it, also when a CUDA graph replays both with a fresh key.
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("sample_kl_forward"), mutates_args=(),
-    schema="(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, SymInt n_samples, Tensor key, "
-    "bool aligned, bool sample, bool kl, str reduction) -> (Tensor, Tensor)",
-)
-def _sample_kl_forward_op(mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, sample, kl, reduction):
+def _sample_kl_forward_impl(mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, sample, kl, reduction):
     z, kl_out = sample_kl_forward(mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, key=key,
                                   aligned=aligned, sample=sample, kl=kl, reduction=reduction)
     return tuple(_custom_op.absent(mu) if t is None else _common.in_policy_layout(t, mu) for t in (z, kl_out))
+
+
+_sample_kl_forward_op = torch.library.custom_op(
+    _custom_op.op_name("sample_kl_forward"), _sample_kl_forward_impl, mutates_args=(),
+    schema="(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, SymInt n_samples, Tensor key, "
+    "bool aligned, bool sample, bool kl, str reduction) -> (Tensor, Tensor)",
+)
 
 
 @_sample_kl_forward_op.register_fake
@@ -485,19 +488,21 @@ def _returned_grads(grad_kl, prior_mu, prior_logvar, needs):
         prior_logvar is not None)
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("sample_kl_backward"), mutates_args=(),
-    schema="(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
-    "SymInt n_samples, Tensor key, bool aligned, str reduction, bool need_mu, bool need_logvar, "
-    "bool need_prior_mu, bool need_prior_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _sample_kl_backward_op(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, reduction,
-                           need_mu, need_logvar, need_prior_mu, need_prior_logvar):
+def _sample_kl_backward_impl(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, reduction,
+                             need_mu, need_logvar, need_prior_mu, need_prior_logvar):
     grads = sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, key=key,
                                aligned=aligned, reduction=reduction,
                                needs=(need_mu, need_logvar, need_prior_mu, need_prior_logvar))
     return tuple(_custom_op.absent(t if t is not None else mu) if g is None else _common.in_policy_layout(g, mu)
                  for g, t in zip(grads, (mu, logvar, prior_mu, prior_logvar)))
+
+
+_sample_kl_backward_op = torch.library.custom_op(
+    _custom_op.op_name("sample_kl_backward"), _sample_kl_backward_impl, mutates_args=(),
+    schema="(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
+    "SymInt n_samples, Tensor key, bool aligned, str reduction, bool need_mu, bool need_logvar, "
+    "bool need_prior_mu, bool need_prior_logvar) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 
 
 @_sample_kl_backward_op.register_fake
@@ -525,7 +530,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_z, grad_kl):
+def _backward(run_backward, ctx, grad_z, grad_kl):
     mu, logvar, prior_mu, prior_logvar, key = ctx.saved_tensors
     n_samples, aligned, sample, kl, reduction = ctx.config
     grad_z = grad_z if sample else None
@@ -534,14 +539,15 @@ def _backward(ctx, grad_z, grad_kl):
     none = (None,) * 6  # n_samples, key, aligned, sample, kl, reduction
     if (grad_z is None and grad_kl is None) or not any(needs):
         return (None,) * 4 + none
-    grads = torch.ops.fusedvae.sample_kl_backward(
+    grads = run_backward(
         grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples, key, aligned, reduction, *needs
     )
     returned = _returned_grads(grad_kl, prior_mu, prior_logvar, needs)
     return (*(g if r else None for g, r in zip(grads, returned)), *none)
 
 
-_sample_kl_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_SampleKL = _custom_op.register(_sample_kl_forward_op, _sample_kl_forward_impl, _setup_context, _backward,
+                                torch.ops.fusedvae.sample_kl_backward, _sample_kl_backward_impl)
 
 
 def rsample_kl(
@@ -580,7 +586,6 @@ def rsample_kl(
         raise ValueError("pass key (a (2,) int64 tensor [seed, offset]) or both seed and offset")
     else:
         key, aligned = key_from_ints(seed, offset, mu.device), offset % 4 == 0
-    z, kl_out = torch.ops.fusedvae.sample_kl_forward(
-        mu, logvar, prior_mu, prior_logvar, int(n_samples), key, aligned, bool(sample), bool(kl), reduction
-    )
+    z, kl_out = _custom_op.call(torch.ops.fusedvae.sample_kl_forward, _SampleKL, mu, logvar, prior_mu, prior_logvar,
+                                int(n_samples), key, aligned, bool(sample), bool(kl), reduction)
     return (z if sample else None), (kl_out if kl else None)

@@ -15,13 +15,15 @@ from .gaussian_nll import OP_SSE, _backward, _backward_outputs, _fake_backward, 
 __all__ = ["sum_squared_error"]
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("sum_squared_error_forward"),
+def _sum_squared_error_forward_impl(x, mean, per_sample):
+    return _forward(OP_SSE, x, mean, None, tuple(x.shape), reduction="per_sample" if per_sample else "sum")
+
+
+_sum_squared_error_forward_op = torch.library.custom_op(
+    _custom_op.op_name("sum_squared_error_forward"), _sum_squared_error_forward_impl,
     mutates_args=(),
     schema="(Tensor x, Tensor mean, bool per_sample) -> Tensor",
 )
-def _sum_squared_error_forward_op(x, mean, per_sample):
-    return _forward(OP_SSE, x, mean, None, tuple(x.shape), reduction="per_sample" if per_sample else "sum")
 
 
 @_sum_squared_error_forward_op.register_fake
@@ -29,16 +31,18 @@ def _(x, mean, per_sample):
     return _fake_forward(x, mean, None, tuple(x.shape), "per_sample" if per_sample else "sum")
 
 
-@torch.library.custom_op(
-    _custom_op.op_name("sum_squared_error_backward"),
-    mutates_args=(),
-    schema="(Tensor grad, Tensor x, Tensor mean, bool per_sample, bool need_x, bool need_mean) -> (Tensor, Tensor)",
-)
-def _sum_squared_error_backward_op(grad, x, mean, per_sample, need_x, need_mean):
+def _sum_squared_error_backward_impl(grad, x, mean, per_sample, need_x, need_mean):
     shape = tuple(x.shape)
     grads = _backward(OP_SSE, x, mean, None, shape, grad, reduction="per_sample" if per_sample else "sum",
                       needs=(need_x, need_mean, False))
     return _backward_outputs(x, mean, None, shape, grads)[:2]
+
+
+_sum_squared_error_backward_op = torch.library.custom_op(
+    _custom_op.op_name("sum_squared_error_backward"), _sum_squared_error_backward_impl,
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor mean, bool per_sample, bool need_x, bool need_mean) -> (Tensor, Tensor)",
+)
 
 
 @_sum_squared_error_backward_op.register_fake
@@ -53,20 +57,21 @@ def _sum_squared_error_setup_context(ctx, inputs, output):
     ctx.per_sample = per_sample
 
 
-def _sum_squared_error_backward(ctx, grad):
+def _sum_squared_error_backward(run_backward, ctx, grad):
     x, mean = ctx.saved_tensors
     needs = _needs(ctx, 2)
     if not any(needs):
         return None, None, None
-    dx, dm = torch.ops.fusedvae.sum_squared_error_backward(grad, x, mean, ctx.per_sample, *needs)
+    dx, dm = run_backward(grad, x, mean, ctx.per_sample, *needs)
     return dx if needs[0] else None, dm if needs[1] else None, None
 
 
-_sum_squared_error_forward_op.register_autograd(
-    _sum_squared_error_backward, setup_context=_sum_squared_error_setup_context
+_SumSquaredError = _custom_op.register(
+    _sum_squared_error_forward_op, _sum_squared_error_forward_impl, _sum_squared_error_setup_context,
+    _sum_squared_error_backward, torch.ops.fusedvae.sum_squared_error_backward, _sum_squared_error_backward_impl,
 )
 
 
 def sum_squared_error(x: torch.Tensor, mean: torch.Tensor, *, per_sample: bool) -> torch.Tensor:
     """``sum((x - mean)^2)``, shape ``()`` or ``(B,)`` (``per_sample``), compute dtype, differentiable in both."""
-    return torch.ops.fusedvae.sum_squared_error_forward(x, mean, bool(per_sample))
+    return _custom_op.call(torch.ops.fusedvae.sum_squared_error_forward, _SumSquaredError, x, mean, bool(per_sample))
