@@ -64,24 +64,34 @@ def register(op, forward_impl, setup_context, backward, backward_op, backward_im
     ``backward(run_backward, ctx, *grads)`` gets ``backward_op`` under the custom op (an opaque node
     in compiled backward graphs) and ``backward_impl`` (the backward op's plain implementation) in
     the eager Function; ``forward_impl`` is the forward op's implementation, ``setup_context`` is
-    shared. Example::
+    shared (the Function's forward calls it). Example::
 
         _Fn = register(_fwd_op, _fwd_impl, _setup, _bwd, torch.ops.fusedvae.x_backward, _bwd_impl)
         out = call(torch.ops.fusedvae.x_forward, _Fn, a, b)
     """
     op.register_autograd(functools.partial(backward, backward_op), setup_context=setup_context)
+
+    # forward(ctx, ...) runs setup_context itself: a Function that defines setup_context pays an
+    # inspect.signature bind on every apply (~20-30 us here); functorch transforms, which need that
+    # form, take the op instead (see call).
+    def forward(ctx, *inputs):
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
     return type(f"Eager_{forward_impl.__name__.strip('_').removesuffix('_impl')}", (torch.autograd.Function,), {
-        "forward": staticmethod(forward_impl),
-        "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward),
         "backward": staticmethod(functools.partial(backward, backward_impl)),
     })
 
 
 def call(op, function: type[torch.autograd.Function], first: torch.Tensor, *args):
-    """``op(first, *args)`` while compiling or tracing (or for a subclass / meta ``first``), else ``function``.
+    """``op(first, *args)`` while compiling or tracing, under functorch transforms, or for a subclass / meta
+    ``first``; else ``function.apply(first, *args)``.
 
     Only the first tensor is inspected: the launchers' device checks reject mixed devices either way.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(first):
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(first)
+            or torch._C._are_functorch_transforms_active()):
         return op(first, *args)
     return function.apply(first, *args)
