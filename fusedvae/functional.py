@@ -239,13 +239,7 @@ def rsample_kl(
     check.check_batched("mu", mu, reduction)
     free_bits = check.check_free_bits(free_bits, reduction)
     impl = _implementation(mu)
-    if impl is native:  # z without the sample dimension, drawn so (no indexing node); the division folded in
-        if free_bits == 0.0 and _BACKEND_REDUCTION[reduction] == "sum":
-            scale = _scale_of(reduction, batch_size=mu.shape[0] if mu.dim() else 1, numel=mu.numel())
-            z, kl = native.rsample_kl(mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, sample=True, kl=True,
-                                      reduction="sum", generator=generator, scale=scale)
-            dtype = _result_dtype(mu, logvar, prior_mu, prior_logvar)
-            return z, (kl if kl.dtype == dtype else kl.to(dtype))
+    if impl is native:  # z without the sample dimension, drawn so (no indexing node); _kl_from_backend folds the division
         return _kl_from_backend(impl, mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
                                 n_samples=n_samples, sample=True, generator=generator)
     z, kl = _kl_from_backend(
