@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ..precision import compute_dtype, result_dtype
 from ..seeding import check_key, key_from_ints
-from . import _common, _custom_op, fastmath
+from . import _common, _custom_op, fastmath, sample_kl_transposed
 from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM, column_offsets, emit_finish, emit_step
 from ._common import exp_accurate as _exp
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
@@ -289,6 +289,11 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, ali
     """One pass over the inputs: z (when ``sample``) and the KL reduced by ``reduction`` (when ``kl``)."""
     if not kl:
         prior_mu = prior_logvar = None
+    if not mu.is_contiguous():  # memory order not the logical one: tiles in memory order where that path applies
+        done = sample_kl_transposed.forward(mu, logvar, prior_mu, prior_logvar, n_samples=n_samples, key=key,
+                                            aligned=aligned, sample=sample, kl=kl, reduction=reduction)
+        if done is not None:
+            return done
     shape, device, numel = mu.shape, mu.device, mu.numel()
     kl_dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar)
     kl_mode = _REDUCTION_MODE[reduction] if kl else OFF
@@ -344,6 +349,11 @@ def _kl_grad_view(grad_kl: torch.Tensor, reduction: str, shape2: torch.Size) -> 
 def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, reduction,
                        needs):
     """One pass: dmu, dlogvar and the priors' gradients (those ``needs`` asks for), noise regenerated."""
+    if not mu.is_contiguous():
+        done = sample_kl_transposed.backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, n_samples=n_samples,
+                                             key=key, aligned=aligned, reduction=reduction, needs=needs)
+        if done is not None:
+            return done
     shape, device = mu.shape, mu.device
     need_mu, need_lv, need_pmu, need_plv = needs
     need_pmu = need_pmu and prior_mu is not None and grad_kl is not None
