@@ -121,3 +121,120 @@ def test_sass_regions_count_the_hot_loop_and_skip_cold_paths():
     assert r["cold"]["total"] == 5 + 2
     assert r["bits"]["loop"] == {"load": [128], "store": [128]}
     assert r["spill_stores"] == 4  # the hot STL; the cold path's STL is a local array
+
+
+# Issue 13's targets in REPORT.md: built from rows alone, so checked here on synthetic rows and on the committed CSV.
+
+from bench.static.report import issue13, issue13_section, layout_of  # noqa: E402
+
+
+def _row(case, dtype, instr, nbytes=4.0, margin=None, kernel="_k", note=""):
+    margin = nbytes / 3.0e12 / (instr / 29.6e12) if margin is None else margin
+    return {"kernel": kernel, "case": case, "dtype": dtype, "arch": "sm_90", "triton": "3.9.0",
+            "instr_per_elem": f"{instr:.3g}", "bytes_per_elem": f"{nbytes:.3g}", "margin": f"{margin:.3g}",
+            "note": note, "compile_s": "0.1", "spill_bytes": "0", "registers": "32"}
+
+
+def _synthetic():
+    rs = "rsample_kl sample K={} contiguous forward"
+    return [
+        _row(rs.format(1), "float32", 36, 12),  # margin 3.29
+        _row(rs.format(1), "bfloat16", 41, 6, margin=1.59),  # target 2: 41 > 40
+        _row(rs.format(4), "float32", 36 + 3 * 24, 24),  # target 3: 24 per further normal
+        _row(rs.format(4), "bfloat16", 41 + 3 * 25, 12),  # 25: the limit is inclusive; K=4 margin 0.77, not target 1's
+        _row("rsample_kl sample K=1 permuted forward", "float32", 90, 12),  # other layout: margin 1.32, below
+        _row("rsample_kl kl sum standard-prior channels_last backward", "bfloat16", 10, 4, margin=1.5),  # exactly 1.5
+        _row("gaussian_nll per-channel-sigma sum permuted backward", "bfloat16", 10, 4, margin=1.2),  # below
+        {**_row("gaussian_nll per-element-sigma none contiguous", "bfloat16", 1), "instr_per_elem": "",
+         "margin": "", "kernel": "", "note": "launcher raised: ValueError: x"},  # no figures: counts as below
+        _row("gaussian_nll_var per-element-var none contiguous forward", "float32", 40, 12),  # target 4: max 40
+        _row("gaussian_nll_var per-element-var sum permuted forward", "float32", 39, 12),
+        _row("gaussian_nll_var per-element-var sum contiguous forward", "bfloat16", 35, 6),
+        _row("gaussian_nll_var per-channel-var sum contiguous forward", "bfloat16", 80, 6, margin=2.0),  # not target 4
+        _row("betatc mss B=512 D=32 contiguous forward", "float32", 56, 0.03),  # excluded, listed
+        _row("rsample_kl sample K=1 channels_last forward", "float16", 60, 6, kernel="_f16"),  # shown, not counted
+        _row("rsample_kl sample K=1 channels_last forward", "float64", 200, 24, margin=0.5),  # not checked at all
+    ]
+
+
+def test_issue13_targets_met_and_counts_on_synthetic_rows():
+    rows = _synthetic()
+    t1, t2, t3, t4 = issue13(rows)
+    assert [t["met"] for t in (t1, t2, t3, t4)] == [False, False, True, True]
+    # one sample: every case but K=4 and betatc; float32: 2 rsample + 2 var rows, bfloat16: 1 + 3 + 2
+    assert t1["checked"] == {"float32": 4, "bfloat16": 6, "float16": 1}
+    assert t1["below"] == {"float32": 1, "bfloat16": 2, "float16": 1}
+    below = [(r["case"], r["dtype"]) for r in t1["below_rows"]]
+    assert below == [("gaussian_nll per-element-sigma none contiguous", "bfloat16"),  # no figures first
+                     ("gaussian_nll per-channel-sigma sum permuted backward", "bfloat16"),
+                     ("rsample_kl sample K=1 permuted forward", "float32")]
+    assert [r["case"] for r in t1["betatc"]] == ["betatc mss B=512 D=32 contiguous forward"]
+    assert t2["figures"] == {"float32": 36.0, "bfloat16": 41.0}
+    assert t3["figures"] == {"float32": pytest.approx(24.0), "bfloat16": pytest.approx(25.0)}
+    assert t4["figures"] == {"float32": 40.0, "bfloat16": 35.0}
+
+    text = "\n".join(issue13_section(rows))
+    assert text.startswith("## Issue 13 targets") and "**2 of 4 met**" in text
+    assert text.count("**not met**") == 2 and text.count("**met**") == 2
+    assert "float32 1 of 4 below" in text and "bfloat16 2 of 6 below" in text and "float16 1 of 1 below" in text
+    assert "| gaussian_nll per-channel-sigma sum backward | _k | bfloat16 | permuted | 10 | 4 | 1.2 |" in text
+    assert "| betatc mss B=512 D=32 forward | _k | float32 | contiguous | 56 | 0.03 |" in text
+    assert "_f16" not in text and "float64" not in text.split("### Target 1")[1]  # float16 counted only, no table
+
+
+def test_issue13_all_met_and_not_checked():
+    rows = [r for r in _synthetic() if r["margin"] and float(r["margin"]) >= 1.5 and "K=4" not in r["case"]
+            and r["dtype"] == "float32"]
+    t1, t2, t3, t4 = issue13(rows)
+    assert t1["met"] is True and t1["below_rows"] == [] and t1["checked"]["float32"] == 3
+    # no bfloat16 row: not checked, never met; no K=4 row: target 3 has no figure
+    assert t2["met"] is None and t2["figures"] == {"float32": 36.0, "bfloat16": None}
+    assert t3["met"] is None and t4["met"] is None
+    assert issue13([])[0]["met"] is None
+    assert "**not checked**" in "\n".join(issue13_section(rows, arch=80)) and "sm_80" in issue13_section(rows, 80)[2]
+    assert layout_of("rsample_kl kl sum standard-prior channels_last backward") == "channels_last"
+    assert layout_of("gaussian_nll per-element-sigma none permuted") == "permuted"  # a launcher-error row
+
+
+def test_report_rebuilds_from_the_committed_csv(tmp_path):
+    committed = ROOT / "results" / "static-sm90"
+    before = {p.name: p.read_bytes() for p in committed.iterdir()}
+    proc = subprocess.run([sys.executable, "-m", "bench", "static", "--from-csv", str(committed / "static.csv"),
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == before, "results/ was written"
+    report = (tmp_path / "REPORT.md").read_text()
+    assert (tmp_path / "static.csv").read_bytes() == before["static.csv"]
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Issue 13 targets"
+    for kept in ("## Headline cases (contiguous inputs)", "## Lowest margins (every case)", "## Spills",
+                 "## Compile or launcher errors", "## Not covered"):
+        assert kept in sections, kept
+    # the compile run's commit survives from the committed report's header; the rebuild says it is one
+    assert before["REPORT.md"].decode().split("\n")[2].split(":")[0] in report
+    assert "rebuilt from `static.csv` without compiling" in report
+
+    with open(committed / "static.csv") as f:
+        rows = list(csv.DictReader(f))
+    scope = [r for r in rows if r["dtype"] in ("float32", "bfloat16") and " K=4 " not in r["case"]
+             and not r["case"].startswith("betatc")]
+    under = [r for r in scope if float(r["margin"]) < 1.5]
+    t1 = issue13(rows)[0]
+    assert sum(t1["checked"][d] for d in ("float32", "bfloat16")) == len(scope) > 0
+    assert len(t1["below_rows"]) == len(under) and t1["met"] is (not under)
+    table = report.split("### Target 1")[1].split("###")[0]
+    assert table.count("\n| ") - 2 == len(under)  # header and rule, then one line per row below the margin
+    margins = [float(r["margin"]) for r in t1["below_rows"]]
+    assert margins == sorted(margins)
+    assert all(r["case"].startswith("betatc") for r in t1["betatc"]) and t1["betatc"]
+
+
+def test_from_csv_rejects_what_is_not_a_static_csv(tmp_path):
+    from bench.static.report import rebuild
+
+    bad = tmp_path / "micro.csv"
+    bad.write_text("op,ms\nx,1\n")
+    with pytest.raises(ValueError, match="from_csv.*no column"):
+        rebuild(bad, tmp_path / "out")
+    with pytest.raises(ValueError, match="from_csv: no such file"):
+        rebuild(tmp_path / "missing.csv")

@@ -19,6 +19,10 @@ Example::
 
     python -m bench static                       # results/static-sm90/static.csv and REPORT.md
     python -m bench static --arch sm_80 --out /tmp/sm80 --dtype float32 --ops rsample_kl
+    python -m bench static --from-csv results/static-sm90/static.csv --out /tmp/static   # REPORT.md, no compiling
+
+``--from-csv`` rebuilds REPORT.md (issue 13's targets first) from an existing ``static.csv`` in seconds: after a
+change to the report, or to read a CSV from another machine. ``--out`` defaults to the CSV's folder.
 """
 
 from __future__ import annotations
@@ -260,8 +264,15 @@ def _commit() -> str:
 
 def cli(args) -> int:
     """The ``static`` subcommand (see :func:`add_parser`)."""
-    from .report import write_report
+    from .report import rebuild, write_report
 
+    if args.from_csv:
+        report, rows = rebuild(Path(args.from_csv), Path(args.out) if args.out else None)
+        print(f"wrote {report} from {args.from_csv} ({len(rows)} rows, nothing compiled)")
+        found = problems(rows)
+        for line in found:
+            print("PROBLEM", line)
+        return 1 if found and args.strict else 0
     arch = parse_arch(args.arch)
     out = Path(args.out or f"results/static-sm{arch}")
     split = lambda text: tuple(s.strip() for s in text.split(",") if s.strip()) if text else None  # noqa: E731
@@ -302,4 +313,7 @@ def add_parser(commands) -> None:
     p.add_argument("--match", default=None, help="comma-separated: keep the cases whose name contains one of these "
                    "(e.g. learned-prior,'sample K=')")
     p.add_argument("--strict", action="store_true", help="exit 1 on a compile error or a float32/16-bit spill")
+    p.add_argument("--from-csv", default=None, metavar="PATH", help="compile nothing: rebuild REPORT.md (issue 13's "
+                   "targets, tables) from an existing static.csv into --out (default: the CSV's folder); the "
+                   "selection options are ignored")
     p.set_defaults(handler=cli)
