@@ -153,6 +153,8 @@ def issue13(rows) -> list[dict]:
     met1 = None if counted == 0 else not any(below[d] for d in TARGET_DTYPES)
 
     def count(d):
+        if not checked[d]:
+            return f"{d} no rows"
         low = lowest[d]
         tail = f", lowest {low['margin']} ({_without_layout(low['case'])}, {layout_of(low['case'])})" if low else ""
         return f"{d} {below[d]} of {checked[d]} below{tail}"
