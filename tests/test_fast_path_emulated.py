@@ -265,6 +265,59 @@ def test_finite_and_accurate_for_logvar_up_to_80():
     assert_kl_finite_and_accurate_to_logvar_80(torch.Generator().manual_seed(80), "cpu")
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_coarse_exp_error_grows_with_the_argument_only_as_documented(scale):
+    """exp_coarse_f32 against float64 exp over [-87, 87]: relative error <= |SCALE x| 7.5e-8 + 2^-22 (+2 ulp slack)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def exp_kernel(x_ptr, out_ptr, n, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        tl.store(out_ptr + i, fastmath.exp_coarse_f32(tl.load(x_ptr + i, mask=m), SCALE), mask=m)
+
+    x = torch.linspace(-87.0, 87.0, 20001) / scale
+    out = torch.empty_like(x)
+    exp_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), SCALE=scale, BLOCK=4096)
+    arg = scale * x.double()
+    rel = (out.double() / torch.exp(arg) - 1.0).abs()
+    bound = arg.abs() * 7.5e-8 + 2.0**-22 + 2 * EPS32
+    assert (rel <= bound).all(), (rel / bound).max()
+    assert rel[arg.abs() > 40].max() > 1e-7  # the argument's rounding is there (what makes it 16-bit only)
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, 80.0), (torch.float16, 10.0)])
+@pytest.mark.parametrize("prior", [False, True])
+def test_16_bit_results_take_the_coarse_exp_within_one_rounding(monkeypatch, dtype, bound, prior):
+    """16-bit in and out: every exp is ex2.approx(x log2 e) (COARSE); z and the KL stay within one 16-bit rounding.
+
+    The coarse exp is off by up to |x| 7.5e-8 relative (emulated pessimistically here), 6e-6 at |logvar| = 80: two
+    orders below a bfloat16 half-ulp, so each result is the exact value rounded, give or take that rounding.
+    """
+    flags = []
+    real = kcommon.coarse_exp
+    monkeypatch.setattr(kcommon, "coarse_exp", lambda *d: flags.append(real(*d)) or flags[-1])
+    gen = torch.Generator().manual_seed(int(bound) + prior)
+    shape = (8, 16)
+    mu = (torch.randn(shape, generator=gen, dtype=F64) * 3).to(dtype)
+    lv = torch.linspace(-bound, bound, mu.numel(), dtype=F64).reshape(shape).to(dtype)
+    pmu, plv = ((torch.randn(shape[1:], generator=gen, dtype=F64)).to(dtype),
+                torch.linspace(-1.0, 1.0, shape[1], dtype=F64).to(dtype)) if prior else (None, None)
+    kw = dict(n_samples=1, seed=77, offset=2**33 + 16, sample=True, kl=True, reduction="none")
+    z, kl = ksample_kl.rsample_kl(mu, lv, pmu, plv, **kw)
+    assert flags and all(flags)
+    up = [None if t is None else t.double() for t in (mu, lv, pmu, plv)]
+    zr, klr = reference.rsample_kl(*up, **kw)
+    eps = torch.finfo(dtype).eps
+    radius = radius_of(77, 2**33 + 16, mu.numel()).reshape(1, *shape)
+    # z: the FAST noise bound times sd, then one rounding; the KL: one rounding (values in the 16-bit range)
+    z_bound = torch.exp(0.5 * up[1]) * FAST_EPS_ABS * (1.0 + radius) + eps * zr.abs() + 1e-30
+    assert ((z.double() - zr).abs() / z_bound).max().item() <= 1.0
+    assert torch.isfinite(kl).all()
+    assert ((kl.double() - klr).abs() / (eps * klr.abs() + 1e-30)).max().item() <= 1.0
+
+
 @pytest.mark.parametrize("offset, prior", [(2**33 + 8, False), (2**33 + 7, True)])  # whole blocks or not
 def test_spread_backward(monkeypatch, offset, prior):
     """K = 64 samples of a 3 x 4 posterior: chunks across programs (forward and backward), as the loop to rounding."""

@@ -44,6 +44,11 @@ SLOTS = 3
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+def coarse_exp(*dtypes: torch.dtype) -> bool:
+    """The kernels' ``COARSE`` constexpr (:func:`exp_accurate`): every dtype the launch writes is 16-bit."""
+    return all(d.itemsize == 2 for d in dtypes)
+
+
 def tl_dtype(dtype: torch.dtype):
     """The Triton compute dtype for a torch compute dtype (float32 or float64)."""
     return _TL_DTYPE[dtype]
@@ -596,24 +601,41 @@ def reduced_offset(r0, r1, r2, st):
 
 
 @triton.jit
-def emit_step(value, acc, ptr, out_off, mask, rows, row_mask, pid_n, B, MODE: tl.constexpr):
-    """Per row step: store ``value`` elementwise, store its row sums, or add its column sums to ``acc``."""
+def _scaled(x, SCALE: tl.constexpr):
+    if SCALE != 1.0:
+        x = x * SCALE
+    return x
+
+
+@triton.jit
+def emit_step(value, acc, ptr, out_off, mask, rows, row_mask, pid_n, B, MODE: tl.constexpr,
+              SCALE: tl.constexpr = 1.0, ZERO_MASKED: tl.constexpr = False):
+    """Per row step: store ``SCALE value`` elementwise, store its row sums, or add its column sums to ``acc``.
+
+    Sums are scaled once per row (``PER_SAMPLE``) or in :func:`emit_finish` (``acc``), not per element: a power
+    of two, so the bits are those of scaling each element. ``ZERO_MASKED``: the caller's ``value`` is 0 wherever
+    ``mask`` is off (its loads' ``other=0`` give 0), so no select.
+    """
     if MODE == ELEMENTWISE:
-        tl.store(ptr + out_off, value.to(ptr.dtype.element_ty), mask=mask)
-    elif MODE == PER_SAMPLE:
-        tl.store(ptr + pid_n * B + rows, tl.sum(tl.where(mask, value, 0.0), axis=1), mask=row_mask)
+        tl.store(ptr + out_off, _scaled(value, SCALE).to(ptr.dtype.element_ty), mask=mask)
     elif MODE != OFF:
-        acc += tl.sum(tl.where(mask, value, 0.0), axis=0)
+        if not ZERO_MASKED:
+            value = tl.where(mask, value, 0.0)
+        if MODE == PER_SAMPLE:
+            tl.store(ptr + pid_n * B + rows, _scaled(tl.sum(value, axis=1), SCALE), mask=row_mask)
+        else:
+            acc += tl.sum(value, axis=0)
     return acc
 
 
 @triton.jit
-def emit_finish(acc, ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, MODE: tl.constexpr):
-    """After the row loop: the program's per-column (``PER_DIM``) or total (``SUM``) partial sum."""
+def emit_finish(acc, ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, MODE: tl.constexpr,
+                SCALE: tl.constexpr = 1.0):
+    """After the row loop: the program's per-column (``PER_DIM``) or total (``SUM``) partial sum, times ``SCALE``."""
     if MODE == PER_DIM:
-        tl.store(ptr + pid_b * N + cols, acc, mask=col_mask)
+        tl.store(ptr + pid_b * N + cols, _scaled(acc, SCALE), mask=col_mask)
     elif MODE == SUM:
-        tl.store(ptr + pid_b * n_col_blocks + pid_n, tl.sum(acc, axis=0))
+        tl.store(ptr + pid_b * n_col_blocks + pid_n, _scaled(tl.sum(acc, axis=0), SCALE))
 
 
 def partial_shape(mode, view: StridedView, tiling: RowTiling) -> tuple[int, int]:
@@ -768,13 +790,19 @@ def exp(x, F64: tl.constexpr):
 
 
 @triton.jit
-def exp_accurate(x, F64: tl.constexpr, FAST: tl.constexpr, SCALE: tl.constexpr = 1.0):
+def exp_accurate(x, F64: tl.constexpr, FAST: tl.constexpr, SCALE: tl.constexpr = 1.0, COARSE: tl.constexpr = False):
     """``exp(SCALE x)`` within a few ulps for every ``x``, never Triton's float32 ``tl.exp`` (``ex2.approx(x
     log2 e)`` on a GPU: relative error ~|x| x 6e-8). float64: ``tl.exp``; ``FAST`` (a GPU,
     :func:`.fastmath.is_fast`): :func:`.fastmath.exp_accurate_f32` (~3 ulp, 7 instructions, ``SCALE`` a power
-    of two folded into its constants); otherwise :func:`exp_f32` (<= 1 ulp, runs in the interpreter)."""
+    of two folded into its constants); otherwise :func:`exp_f32` (<= 1 ulp, runs in the interpreter).
+
+    ``COARSE`` (the launcher's promise that everything the kernel writes is 16-bit, :func:`coarse_exp`): on the
+    ``FAST`` path :func:`.fastmath.exp_coarse_f32` (2 instructions, ``|SCALE x| 7.5e-8`` relative: far below a 16-bit
+    ulp); the interpreter keeps :func:`exp_f32`."""
     if F64:
         y = tl.exp(x * SCALE)
+    elif FAST and COARSE:
+        y = fastmath.exp_coarse_f32(x, SCALE)
     elif FAST:
         y = fastmath.exp_accurate_f32(x, SCALE)
     else:
@@ -806,16 +834,17 @@ SERIES_CUTOFF = tl.constexpr(0.5)
 
 
 @triton.jit
-def exp_minus_one_minus_x(d, F64: tl.constexpr, FAST: tl.constexpr):
+def exp_minus_one_minus_x(d, F64: tl.constexpr, FAST: tl.constexpr, COARSE: tl.constexpr = False):
     """``(g, em1)`` with ``g = e^d - 1 - d`` and ``em1 = e^d - 1``, accurate for every ``d`` (no libdevice ``expm1``).
 
-    :func:`exp_minus_one_minus_x_given` with ``e^d`` from :func:`exp_accurate` (``FAST``: the GPU's).
+    :func:`exp_minus_one_minus_x_given` with ``e^d`` from :func:`exp_accurate` (``FAST``: the GPU's; ``COARSE``: its
+    16-bit-result form, whose error only enters for ``|d| >= 0.5``, where ``g >= 0.1``).
     """
-    return exp_minus_one_minus_x_given(d, exp_accurate(d, F64, FAST), F64)
+    return exp_minus_one_minus_x_given(d, exp_accurate(d, F64, FAST, 1.0, COARSE), F64, COARSE)
 
 
 @triton.jit
-def exp_minus_one_minus_x_given(d, exp_d, F64: tl.constexpr):
+def exp_minus_one_minus_x_given(d, exp_d, F64: tl.constexpr, COARSE: tl.constexpr = False):
     """:func:`exp_minus_one_minus_x` from ``exp_d``, ``e^d`` to a few ulps (used for ``|d| >= 0.5`` only).
 
     A kernel that has ``e^(d/2)`` already (a standard deviation) passes its square: one multiply for an exp.
@@ -825,7 +854,8 @@ def exp_minus_one_minus_x_given(d, exp_d, F64: tl.constexpr):
     (truncation < 1e-20 relative: exact to a few ulps); float32 takes a degree-5 near-minimax fit of
     ``g / d^2`` (2.7e-8 relative, ~1.5 ulp with float32 Horner): eleven multiply-adds fewer.
     ``e^d`` is never float32 ``tl.exp``, whose error grows with ``|d|`` on a GPU (5e-6 relative at ``d = 80``: the
-    KL's finite-to-80 contract broke on an H200).
+    KL's finite-to-80 contract broke on an H200). ``COARSE`` (16-bit results, :func:`exp_accurate`): a degree-4 fit
+    (8.6e-7 relative in float32), still inside the float32 contract's 1e-5, one multiply-add fewer.
     """
     small = tl.abs(d) < SERIES_CUTOFF
     if F64:
@@ -845,6 +875,14 @@ def exp_minus_one_minus_x_given(d, exp_d, F64: tl.constexpr):
         series = series * ds + 0.041666666666666664  # 1/4!
         series = series * ds + 0.16666666666666666  # 1/3!
         series = series * ds + 0.5  # 1/2!
+    elif COARSE:
+        # (e^d - 1 - d) / d^2 on |d| <= 1/2, degree-4 near-minimax (iteratively reweighted least squares on
+        # Chebyshev nodes): 7.7e-7 relative, 8.6e-7 evaluated in float32
+        ds = d
+        series = ds * 0.0013914644394795361 + 0.008395411008913833
+        series = series * ds + 0.041667477071490856
+        series = series * ds + 0.16666280115440932
+        series = series * ds + 0.49999995973026323
     else:
         # (e^d - 1 - d) / d^2 on |d| <= 1/2 by its degree-5 near-minimax polynomial (relative error 2.7e-8; 9e-8
         # evaluated in float32), two multiply-adds fewer than Taylor to 1/9!. d itself, not a masked copy: for

@@ -79,7 +79,7 @@ def _sample_kl_forward_kernel(
     SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr, HAS_PMU: tl.constexpr,
     HAS_PLV: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr, INT64: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, COARSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
     mu_col = column_offsets(cols, dims, mu_st, INNER_RANK)
@@ -102,7 +102,7 @@ def _sample_kl_forward_kernel(
         lv = tl.load(lv_ptr + rows[:, None] * lv_st[0] + lv_col[None, :], mask=mask, other=0.0)
         if SAMPLE:
             mu_s = mu.to(SAMPLE_DTYPE)
-            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
+            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5, COARSE)
             first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)  # each row's first logical index: keys the noise
             z_off = out_off
             for _ in range(0, n_samples):
@@ -120,17 +120,18 @@ def _sample_kl_forward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, KL_DTYPE)
                 d = d - plv
-                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST)
+                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST, 1.0, COARSE)
             if HAS_PLV:
-                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST)
+                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST, COARSE)
             else:  # e^lv = sd^2 on every path (z drawn or not: the same KL): where z is drawn, a multiply, not an exp
                 if SAMPLE and KL_DTYPE == SAMPLE_DTYPE:
                     half = sd
                 else:
-                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5)
-                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64)
-            acc = emit_step(0.5 * (g + maha), acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE)
-    emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE)
+                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5, COARSE)
+                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64, COARSE)
+            # the KL's 1/2 once per sum, not per element; masked lanes load zeros, and g(0) + 0 is 0: no select
+            acc = emit_step(g + maha, acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE, 0.5, True)
+    emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE, 0.5)
 
 
 @triton.jit
@@ -143,7 +144,7 @@ def _sample_kl_backward_kernel(
     HAS_PLV: tl.constexpr,
     WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr, PMU_MODE: tl.constexpr, PLV_MODE: tl.constexpr,
     INNER_RANK: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, INT64: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, COARSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_b, cols, col_mask, row0 = _program_tile(N, n_col_blocks, row_steps, INT64, BLOCK_B, BLOCK_N)
     k0 = 0
@@ -185,7 +186,7 @@ def _sample_kl_backward_kernel(
         dlv = tl.zeros([BLOCK_B, BLOCK_N], dtype=GRAD_DTYPE)
         if HAS_DZ:
             # dz/dmu = 1, dz/dlv = exp(lv/2) eps / 2, summed over the samples; eps regenerated.
-            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
+            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5, COARSE)
             dz_base = dz_ptr + rows[:, None] * dz_st[0] + dz_col[None, :]
             first = offset.to(tl.int64) + (rows * N + pid_n * BLOCK_N)
             if SPREAD:
@@ -210,33 +211,33 @@ def _sample_kl_backward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, GRAD_DTYPE)
                 d = d - plv
-                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
+                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST, 1.0, COARSE)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
             else:
                 weighted = diff
             # dkl/dlv = (e^d - 1) / 2; e^lv = sd^2 without a prior log-variance, as in the forward
             if HAS_PLV:
-                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)
+                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST, COARSE)
             else:
                 if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE:
                     half = sd
                 else:
-                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5)
-                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64)
+                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5, COARSE)
+                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64, COARSE)
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if PMU_MODE != OFF:  # dkl/dmu_p = -dkl/dmu
                 acc_pmu = emit_step(-gkl * weighted, acc_pmu, dpmu_ptr, out_off, mask, rows, row_mask,
-                                     pid_n, B, PMU_MODE)
+                                     pid_n, B, PMU_MODE, 1.0, True)
             if PLV_MODE != OFF:  # dkl/dlv_p = (1 - e^d - (mu - mu_p)^2 e^{-lv_p}) / 2
-                acc_plv = emit_step(-0.5 * gkl * (em1 + weighted * diff), acc_plv, dplv_ptr, out_off, mask,
-                                     rows, row_mask, pid_n, B, PLV_MODE)
+                acc_plv = emit_step(gkl * (em1 + weighted * diff), acc_plv, dplv_ptr, out_off, mask,
+                                     rows, row_mask, pid_n, B, PLV_MODE, -0.5, True)
         if WRITE_DMU:
             tl.store(dmu_ptr + out_off, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
         if WRITE_DLV:
             tl.store(dlv_ptr + out_off, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
     if HAS_GKL:
         emit_finish(acc_pmu, dpmu_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, PMU_MODE)
-        emit_finish(acc_plv, dplv_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, PLV_MODE)
+        emit_finish(acc_plv, dplv_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, PLV_MODE, -0.5)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -280,7 +281,8 @@ def _samples_as_rows(mu, logvar, z, n_samples, key, aligned) -> bool:
         SAMPLE=True, WHOLE_BLOCKS=_whole_blocks(view, tiling, aligned), KL_MODE=OFF, HAS_PMU=False, HAS_PLV=False,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)), INT64=_common.row_view_needs_int64(view, tiling),
-        FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
+        FAST=fastmath.is_fast(mu), COARSE=_common.coarse_exp(z.dtype), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
+        num_warps=tiling.num_warps,
     )
     return True
 
@@ -329,7 +331,8 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, ali
         HAS_PMU=operands[2] is not None, HAS_PLV=operands[3] is not None,
         INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)),
         KL_DTYPE=_common.tl_dtype(kl_dtype), INT64=_common.row_view_needs_int64(view, tiling, n_samples),
-        FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
+        FAST=fastmath.is_fast(mu), COARSE=_common.coarse_exp(result_dtype(mu, logvar, prior_mu, prior_logvar)),
+        BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n, num_warps=tiling.num_warps,
     )
     if kl_mode in (OFF, ELEMENTWISE):
         return z, kl_buffer
@@ -392,6 +395,8 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
     mu_e, lv_e, pmu_e, plv_e, _, gkl_e = operands
     dz_sk = grad_z.stride(0) if grad_z is not None else 0
     programs = tiling.n_col_blocks * tiling.n_row_chunks
+    # every gradient is handed back in its input's dtype: 16-bit inputs only, 16-bit gradients only
+    coarse = _common.coarse_exp(*(t.dtype for t in (mu, logvar, prior_mu, prior_logvar) if t is not None))
 
     def launch(dz, gkl_t, pmu_t, plv_t, dmu_t, dlv_t, dpmu_t, dplv_t, pmu_m, plv_m, chunks=1, chunk_samples=n_samples):
         _sample_kl_backward_kernel[(programs, chunks)](
@@ -407,7 +412,7 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
             INNER_RANK=view.inner_rank, SAMPLE_DTYPE=_common.tl_dtype(sample_dtype),
             GRAD_DTYPE=_common.tl_dtype(grad_dtype),
             INT64=_common.row_view_needs_int64(view, tiling, n_samples, dz_sk),
-            FAST=fastmath.is_fast(mu), BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
+            FAST=fastmath.is_fast(mu), COARSE=coarse, BLOCK_B=tiling.block_b, BLOCK_N=tiling.block_n,
             num_warps=tiling.num_warps,
         )
 
