@@ -28,14 +28,15 @@
 #                           table (scripts/gpu_probes.py full)                                  -> logs/probe-full.log
 #   probe-prior    30   20  standard vs learned prior sample/KL kernels: registers, waves, other
 #                           tilings (scripts/gpu_probes.py prior)                               -> logs/probe-prior.log
-#   ncu            45   30  forward kernels under ncu: instructions and DRAM bytes per element, registers,
+#   ncu            55   38  forward kernels under ncu (9: float32, bfloat16, channels-last bfloat16): instructions
+#                           and DRAM bytes per element beside the static report's, registers,
 #                           waves, occupancy, SM clock (scripts/ncu_probe.py)                   -> ncu.csv
 #   train          75   30  hierarchical VAE, bfloat16 autocast, 4 providers, 3 + 10 steps      -> train.csv
 #   micro-bf16     60   30  as micro, bfloat16                                                  -> micro.csv
 #   train-rest     50   25  conv σ-VAE (optimal σ) and the MLP VAE, as train                    -> train.csv
 #   micro-mid      40   25  float32 at the mid size (launch-bound on a GPU: the host path's cost) -> micro.csv
 #   report         25   10  python -m bench report, then the summary table printed last         -> REPORT.md, SUMMARY.md
-# Estimates sum to ~310 s of the 345, the correctness phase (~80 s) included (the caps, which only bound a step
+# Estimates sum to ~318 s of the 345, the correctness phase (~80 s) included (the caps, which only bound a step
 # that misbehaves, sum to more); should the estimates be short, the last steps are the ones skipped.
 # The correctness steps and warm run side by side: none of them is timed.
 # Results are written as they are measured (CSV rows as they come) and after every phase the results
@@ -234,7 +235,7 @@ print(','.join(n.METRICS), ' '.join('--section ' + s for s in n.SECTIONS).replac
   SECTIONS=${SECTIONS//@/ }
   NCU="ncu -f -o $RESULTS/ncu --profile-from-start off --clock-control none -k 'regex:$KERNELS'"
   # the sections add registers, waves and occupancy; should this ncu not know one, the bare metrics still run
-  step ncu 45 "{ $NCU $SECTIONS --metrics $METRICS $PY scripts/ncu_probe.py target || $NCU --metrics $METRICS $PY scripts/ncu_probe.py target; } && ncu --import $RESULTS/ncu.ncu-rep --csv --page raw --print-units base > $RESULTS/ncu_raw.csv && $PY scripts/ncu_probe.py parse $RESULTS/ncu_raw.csv --csv $RESULTS/ncu.csv"
+  step ncu 55 "{ $NCU $SECTIONS --metrics $METRICS $PY scripts/ncu_probe.py target || $NCU --metrics $METRICS $PY scripts/ncu_probe.py target; } && ncu --import $RESULTS/ncu.ncu-rep --csv --page raw --print-units base > $RESULTS/ncu_raw.csv && $PY scripts/ncu_probe.py parse $RESULTS/ncu_raw.csv --csv $RESULTS/ncu.csv"
 else
   # no ncu (or the dry run): the profiled program still runs, so a typo in it never costs GPU time
   step ncu-target 30 "FUSEDVAE_BACKEND=$( ((DRY)) && echo triton || echo auto ) $PY scripts/ncu_probe.py target --numel 3072"

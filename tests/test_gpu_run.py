@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -139,6 +140,13 @@ def test_probe_occupancy_counts_programs_per_sm_and_waves():
     assert gpu_probes.occupancy(40, 8, 100 * 1024, 132, 132)[0] == 2  # shared memory limits
 
 
+def test_ncu_static_figures_come_from_the_committed_report():
+    """Every profiled case has its forward row in results/static-sm90 (so a renamed static case is caught here)."""
+    static = ncu_probe.static_figures()
+    assert set(static) == set(ncu_probe.CASES)
+    assert all(0 < figures["instr"] < 200 and figures["margin"] > 0 for figures in static.values())
+
+
 def test_ncu_parse_names_the_cases_and_reads_the_sections(tmp_path):
     raw = tmp_path / "raw.csv"
     header = ('"ID","Kernel Name","Grid Size","Block Size","dram__bytes_read.sum","dram__bytes_write.sum",'
@@ -149,9 +157,17 @@ def test_ncu_parse_names_the_cases_and_reads_the_sections(tmp_path):
     lines = [f'"{i}","_sample_kl_forward_kernel","(2115, 1, 1)","(128, 1, 1)","8,192","4,096","1,000","256",'
              f'"{56 + i}","1.78","40.5","1,755,000,000"\n' for i in range(len(ncu_probe.CASES))]
     raw.write_text(header + units + "".join(lines))
-    rows = ncu_probe.parse(str(raw), numel=1024)
+    static = tmp_path / "static.csv"
+    static.write_text("kernel,case,dtype,instr_per_elem,margin\n"
+                      "_k,rsample_kl sample+kl sum standard-prior K=1 contiguous backward,float32,99,9\n"
+                      "_k,rsample_kl sample+kl sum standard-prior K=1 contiguous forward,bfloat16,44,1.34\n"
+                      "_k,rsample_kl sample+kl sum standard-prior K=1 contiguous forward,float32,48.7,2.43\n")
+    rows = ncu_probe.parse(str(raw), numel=1024, static_path=static)
     assert [r["case"] for r in rows] == list(ncu_probe.CASES)
-    assert rows[1]["static_inst_per_elem"] == ncu_probe.STATIC["rsample_kl standard"]
+    # each case's own dtype and the forward row; a case the report lacks reads NaN, never a stale figure
+    assert rows[1]["static_inst_per_elem"] == 48.7 and rows[1]["static_margin"] == 2.43
+    assert rows[ncu_probe.CASES.index("rsample_kl standard bf16")]["static_inst_per_elem"] == 44
+    assert math.isnan(rows[0]["static_inst_per_elem"])
     assert rows[1]["registers"] == 57 and rows[0]["waves"] == 1.78 and rows[0]["occupancy_pct"] == 40.5
     assert rows[0]["sm_ghz"] == 1.755 and rows[0]["inst_per_elem"] == 8.0
     assert ncu_probe.parse(str(raw), numel=1024)[-1]["dram_read_b_per_elem"] == 8.0
