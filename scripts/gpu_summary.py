@@ -6,7 +6,9 @@
 From ``RESULTS_DIR/micro.csv``: per op variant and dtype, at its largest size in ``full`` mode
 (forward + backward), fusedvae's time, its fraction of the copy floor, its speed-up over the
 unfused providers and its host time per call (``launch-bound`` where that is the time measured).
-From ``train.csv``: per model, each provider's median step and fusedvae's speed-up.
+From ``train.csv``: per model, each provider's median step and fusedvae's speed-up. From ``ncu.csv``
+(``scripts/ncu_probe.py``): each profiled kernel's DRAM throughput as a fraction of the copy bandwidth
+(``env.json``) beside its instructions per element, measured and modeled (the static report's count and margin).
 Reads only the standard library, so it runs wherever the run did.
 """
 
@@ -94,6 +96,29 @@ def train_table(rows: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else ["(no training rows)"]
 
 
+def ncu_table(rows: list[dict], copy_gbps: float) -> list[str]:
+    """Measured (ncu) beside modeled (the static report): a margin below 1 predicts a kernel short of the copy rate."""
+    lines = ["| kernel | µs | DRAM GB/s | % of copy | instr/elem | modeled instr/elem | modeled margin | occupancy % |",
+             "| --- " * 8 + "|"]
+    for row in rows:
+        gbps = _float(row.get("dram_gbps"))
+        lines.append(f"| {row.get('case') or row.get('kernel', '?')} | {_fmt(_float(row.get('time_us')), '.1f')} "
+                     f"| {_fmt(gbps, '.0f')} | {_fmt(100 * gbps / copy_gbps, '.0f', '%')} "
+                     f"| {_fmt(_float(row.get('inst_per_elem')), '.1f')} "
+                     f"| {_fmt(_float(row.get('static_inst_per_elem')), '.1f')} "
+                     f"| {_fmt(_float(row.get('static_margin')), '.2f')} | {_fmt(_float(row.get('occupancy_pct')), '.0f')} |")
+    return lines if len(lines) > 2 else ["(no ncu rows)"]
+
+
+def _copy_gbps(path: Path) -> float:
+    import json
+
+    try:
+        return _float(json.loads(path.read_text()).get("copy_gbps"))
+    except (OSError, ValueError, AttributeError):
+        return math.nan
+
+
 def steps_table(path: Path) -> list[str]:
     lines = ["| step | status | s | detail |", "| --- | --- | --- | --- |"]
     if path.is_file():
@@ -115,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
          "", "## Micro-benchmarks (full = forward + backward, largest size; × is the other's time / fusedvae's)",
          *micro_table(_rows(results / "micro.csv")),
          "", "## Training steps (median ms; fusedvae+compile counts as fused against torch+compile)",
-         *train_table(_rows(results / "train.csv"))]) + "\n"
+         *train_table(_rows(results / "train.csv")),
+         "", "## Kernels under ncu, beside the static model (python -m bench static, sm_90)",
+         *ncu_table(_rows(results / "ncu.csv"), _copy_gbps(results / "env.json"))]) + "\n"
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")

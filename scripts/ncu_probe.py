@@ -164,6 +164,7 @@ def parse(path: str, numel: int, static_path: Path = STATIC_CSV) -> list[dict]:
             "inst_per_elem": inst * 32 / numel,
             "dram_read_b_per_elem": read / numel,
             "dram_write_b_per_elem": write / numel,
+            "dram_gbps": (read + write) / _number(record.get("gpu__time_duration.sum", "nan")),  # bytes/ns = GB/s
         }
         row.update({key: _first(record, names) for key, names in EXTRA})
         row["sm_ghz"] /= 1e9

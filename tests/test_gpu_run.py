@@ -110,6 +110,7 @@ def test_ncu_parse_gives_per_element_figures(tmp_path):
     assert row["kernel"] == "_rsample_fwd"
     assert row["dram_read_b_per_elem"] == 8.0 and row["dram_write_b_per_elem"] == 4.0
     assert row["inst_per_elem"] == 96 * 32 / 768 and row["time_us"] == 2.5
+    assert row["dram_gbps"] == (6144 + 3072) / 2500  # bytes per ns
 
 
 def test_summary_micro_table_compares_the_largest_full_case():
@@ -128,6 +129,14 @@ def test_summary_micro_table_compares_the_largest_full_case():
     assert cells[9] == "2.1 launch-bound"  # the host path took longer than the timed call: it was the time measured
     rows[-1]["host_ms"] = "0.4"
     assert gpu_summary.micro_table(rows)[2].rstrip(" |").endswith("| 0.4")
+
+
+def test_summary_ncu_table_puts_the_measurement_beside_the_model():
+    rows = [{"case": "rsample bf16", "time_us": "100", "dram_gbps": "3600", "inst_per_elem": "33.5",
+             "static_inst_per_elem": "32", "static_margin": "1.85", "occupancy_pct": "60"}]
+    cells = [c.strip() for c in gpu_summary.ncu_table(rows, 4000.0)[2].strip("|").split("|")]
+    assert cells == ["rsample bf16", "100.0", "3600", "90%", "33.5", "32.0", "1.85", "60"]
+    assert gpu_summary.ncu_table([], 4000.0) == ["(no ncu rows)"]
 
 
 def test_probe_occupancy_counts_programs_per_sm_and_waves():
