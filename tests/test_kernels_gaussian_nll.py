@@ -536,8 +536,10 @@ from fusedvae.kernels import gaussian_nll_var
 out = {}
 with intercept(90, compile=True) as rec:
     for name, var_shape, eps in (("per-element", (64, 3, 32, 32), 1e-6), ("per-channel", (1, 3, 1, 1), 1e-6),
-                                 ("eps0", (64, 3, 32, 32), 0.0)):
+                                 ("eps0", (64, 3, 32, 32), 0.0), ("channels-last", (1, 3, 1, 1), 1e-6)):
         x, t = cuda_like(torch.empty(64, 3, 32, 32, requires_grad=True)), cuda_like(torch.empty(64, 3, 32, 32))
+        if name == "channels-last":
+            x, t = (u.contiguous(memory_format=torch.channels_last) for u in (x, t))
         var = cuda_like(torch.empty(var_shape, requires_grad=True))
         rec.launches = []
         loss = gaussian_nll_var(x, t, var, full=False, eps=eps, reduction="sum")
@@ -564,7 +566,7 @@ def test_fast_path_compiles_to_hardware_approximations():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     launches = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("per-element", "per-channel"):
+    for name in ("per-element", "per-channel", "channels-last"):
         assert len(launches[name]) == 2, [k for k, _ in launches[name]]  # forward and backward
         for key, ptx in launches[name]:
             assert "('FAST', True)" in key, key
@@ -572,6 +574,7 @@ def test_fast_path_compiles_to_hardware_approximations():
             assert "div.rn.f32" not in ptx and "div.full.f32" not in ptx and "lg2.approx" not in ptx, key
     forward_key = launches["per-element"][0][0]
     assert "_gaussian_nll_fwd_kernel" in forward_key and "('V_FULL', True)" in forward_key, forward_key
+    assert "_gaussian_nll_fwd_interleaved_kernel" in launches["channels-last"][0][0]
     for key, ptx in launches["eps0"]:
         assert "('FAST', False)" in key and "div.rn.f32" in ptx, key
 
@@ -647,3 +650,70 @@ def test_per_element_sigma_gradient_follows_x_layout(layout, gen):
     args = (g, x, m, var, 1e-6, "none", True, True, True)
     torch.library.opcheck(torch.ops.fusedvae.gaussian_nll_var_backward, args, test_utils=("test_faketensor",))
     assert torch.ops.fusedvae.gaussian_nll_var_backward(*args)[2].stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels, sigma", [(3, "per-channel"), (3, "per-sample-channel"), (4, "per-channel"),
+                                              (5, "per-channel"), (6, "per-sample-channel")])
+def test_channels_last_per_channel_sigma_interleaved(channels, sigma, dtype, gen, monkeypatch):
+    """Channels-last x with σ / var per channel runs the interleaved forward (the channel innermost in memory).
+
+    Tile 128: several tiles per program, a partial last tile, and (C = 3, 5, 6) the lanes past the step idle.
+    Values and gradients within 2x eager for every reduction, two runs bitwise equal, "none" channels-last.
+    """
+    monkeypatch.setattr(kcommon, "BROADCAST_TILE", 128)
+    taken = []
+    real = kgnll._interleaved
+    monkeypatch.setattr(kgnll, "_interleaved", lambda *args: taken.append(real(*args)) or taken[-1])
+    shape = (3, channels, 9, 11)
+    small = (channels, 1, 1) if sigma == "per-channel" else (3, channels, 1, 1)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+    x, mean = randn(gen, shape).requires_grad_(), randn(gen, shape).requires_grad_()
+    log_sigma = randn(gen, small, 0.5).requires_grad_()
+    var = (torch.rand(small, generator=gen, dtype=F64).to(DEVICE) + 0.05).requires_grad_()
+    for reduction in ("none", "sum", "per_sample", "batchmean"):
+        out = check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": reduction}, dtype, gen,
+                    views={"x": cl, "mean": cl})
+        if reduction == "none":
+            assert out[0].is_contiguous(memory_format=torch.channels_last)
+    for reduction, full in (("none", True), ("sum", False), ("batchmean", True)):
+        def fn(input, target, var, reduction=reduction, full=full):  # eps 0.3 clamps some variances
+            return fv.gaussian_nll_loss(input, target, var, full=full, eps=0.3, reduction=reduction)
+
+        check(fn, {"input": x, "target": mean, "var": var}, dtype, gen, views={"input": cl, "target": cl})
+    assert taken and all(t is not None for t in taken)
+    assert any(t.step < t.block for t in taken) == (channels != 4)
+    xs, ms = cl(x.detach().to(dtype)), cl(mean.detach().to(dtype))
+    with fv.use_backend("triton"):
+        runs = [fv.gaussian_nll(xs, ms, log_sigma.detach().to(dtype), reduction="per_sample") for _ in range(2)]
+        monkeypatch.setattr(kcommon, "INT32_LIMIT", 1)  # the 64-bit index math gives the same bits
+        runs.append(fv.gaussian_nll(xs, ms, log_sigma.detach().to(dtype), reduction="per_sample"))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert taken[-1].int64 and not taken[-2].int64
+    assert max(t.n_tiles for t in taken) > 1 and max(t.chunk_iters for t in taken) > 1
+
+
+@pytest.mark.skipif(not kgnll.fastmath.EMULATED, reason="the FAST path is emulated under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("op", ["gaussian_nll", "gaussian_nll_loss"])
+def test_channels_last_interleaved_fast_path_emulated(op, gen, monkeypatch):
+    """The interleaved forward's FAST branch (``rcp.approx`` for 1/v, the clamped log) within 2x eager, emulated."""
+    monkeypatch.setattr(kgnll.fastmath, "is_fast", lambda t: True)
+    taken = []
+    real = kgnll._interleaved
+    monkeypatch.setattr(kgnll, "_interleaved", lambda *args: taken.append(real(*args)) or taken[-1])
+    shape = (3, 3, 9, 11)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    x, mean = randn(gen, shape).requires_grad_(), randn(gen, shape).requires_grad_()
+    small = torch.exp(randn(gen, (3, 1, 1), 2.0))  # over several binades; eps 1e-6 clamps none of them
+    small[1] = 1.0  # log 1 = 0
+    for reduction in ("none", "sum"):
+        if op == "gaussian_nll":
+            check(nll, {"x": x, "mean": mean, "log_sigma": small.log().requires_grad_(), "reduction": reduction},
+                  torch.float32, gen, views={"x": cl, "mean": cl})
+        else:
+            def fn(input, target, var, reduction=reduction):
+                return fv.gaussian_nll_loss(input, target, var, full=True, eps=1e-6, reduction=reduction)
+
+            check(fn, {"input": x, "target": mean, "var": small.requires_grad_()}, torch.float32, gen,
+                  views={"input": cl, "target": cl})
+    assert taken and all(t is not None for t in taken)

@@ -15,6 +15,9 @@ order. ``"sum"`` / ``"per_sample"`` write one partial per program. Two exception
 per-element σ / variance in the tile loop like x (``V_FULL``: as kept indices each program would own
 one tile, its setup and final sum paid per 8 elements), and every kernel sees the dims in x's memory
 order (channels-last and transposed tensors merge to one contiguous run, so their loads vectorize).
+Where σ's kept dim is itself the innermost one in memory (channels-last with a per-channel σ, C = 3)
+the forward runs :func:`_gaussian_nll_fwd_interleaved_kernel` instead: flat tiles along memory whose
+step is a multiple of C, so each lane keeps one channel (no (C -> 4) padding, vector loads).
 
 Bytes moved (N elements of b bytes each; σ small unless per element; P = programs, a few per SM)
 ------------------------------------------------------------------------------------------------
@@ -54,6 +57,7 @@ compiling for sm_90 on CPU (tests). ``dnll/dm`` is formed as ``-r e^{-s}``, neve
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -225,6 +229,78 @@ def _gaussian_nll_fwd_kernel(
             acc += tl.where(mask, val, 0.0)
     if MODE == SUM:
         total = tl.sum(tl.sum(acc, axis=1), axis=0)
+        if OP == OP_VAR:
+            total = 0.5 * total
+        tl.store(partial_ptr + pid, total)
+
+
+@triton.jit
+def _gaussian_nll_fwd_interleaved_kernel(
+    a_ptr, b_ptr, s_ptr, out_ptr, partial_ptr,
+    K1, SEG, n_tiles, n_rchunks, chunk_iters,
+    a_st, b_st, s_st, o_st,  # each operand's (kept k0..k2, reduced r0..r2) strides, as in the tiled kernel
+    OP: tl.constexpr, MODE: tl.constexpr, FULL: tl.constexpr, EPS: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, FAST: tl.constexpr,
+    C: tl.constexpr, STEP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """:func:`_gaussian_nll_fwd_kernel` where σ's kept dim (``C`` entries) is the innermost one in memory.
+
+    Channels-last with a per-channel σ: each ``(k0, k1)`` owns a contiguous segment of ``SEG`` elements
+    whose channel is ``element % C``. A (C, rows) tile would pad ``C`` to a power of two (3 -> 4: a
+    quarter of the lanes idle) and load one element at a time along rows. Here a tile is ``BLOCK``
+    contiguous lanes that advance by ``STEP``, a multiple of ``C`` (and of 8 elements, so the loads stay
+    aligned vectors) just below ``BLOCK``: every lane keeps its channel in every tile, so σ's terms are
+    formed once per lane, and only the ``BLOCK - STEP`` lanes past ``STEP`` idle (8 of 1024 for C = 3).
+    """
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    pid_r = pid % n_rchunks
+    kout = pid // n_rchunks
+    k0 = kout // K1
+    k1 = kout % K1
+    a_seg = a_ptr + (k0 * a_st[0] + k1 * a_st[1])
+    b_seg = b_ptr + (k0 * b_st[0] + k1 * b_st[1])
+    o_seg = out_ptr + (k0 * o_st[0] + k1 * o_st[1])
+    lane = tl.arange(0, BLOCK)
+    # Per lane, once: the loss's scale and shift for the lane's channel (FULL's constant folded into the shift).
+    s = upcast(tl.load(s_ptr + (k0 * s_st[0] + k1 * s_st[1] + (lane % C) * s_st[2])), F64)
+    if OP == OP_NLL:
+        scale = exp(-s, F64)
+        shift = s
+        if FULL:
+            shift = s + 0.9189385332046727  # log(2 pi) / 2
+    else:  # OP_VAR: twice the loss, log v + d^2 / v, halved at the store or the sum
+        v = tl.where(s < EPS, EPS, s)  # max(var, eps); a NaN variance stays NaN, as with torch.clamp
+        scale = fastmath.rcp_approx(v) if FAST else v
+        shift = _log_var(v, EPS, F64, FAST)
+        if FULL:
+            shift = shift + 1.8378770664093453  # log(2 pi)
+    acc = upcast(tl.zeros((BLOCK,), dtype=tl.float32), F64)
+    t_start = pid_r * chunk_iters
+    t_end = tl.minimum(t_start + chunk_iters, n_tiles)
+    for t in range(t_start, t_end):
+        first = t * STEP
+        e = first + lane
+        mask = e < tl.minimum(first + STEP, SEG)
+        a = tl.load(a_seg + e, mask=mask, other=0.0)
+        b = tl.load(b_seg + e, mask=mask, other=0.0)
+        d = upcast(a, F64) - upcast(b, F64)
+        if OP == OP_NLL:
+            r = d * scale  # r before squaring: finite for |s| <= 80 unless the true value is not
+            val = 0.5 * r * r + shift
+        elif FAST:  # d^2 / v within 1.5 ulp (rcp.approx 1 ulp, one rounding); v = inf gives 0
+            val = shift + (d * d) * scale
+        else:
+            val = shift + div(d * d, scale, F64)
+        if MODE == ELEMENTWISE:
+            if OP == OP_VAR:
+                val = 0.5 * val
+            tl.store(o_seg + e, val.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            acc += tl.where(mask, val, 0.0)
+    if MODE == SUM:
+        total = tl.sum(acc, axis=0)
         if OP == OP_VAR:
             total = 0.5 * total
         tl.store(partial_ptr + pid, total)
@@ -416,6 +492,51 @@ def _flat(layout) -> bool:
     return layout.rsize[0] == 1 and layout.rsize[1] == 1
 
 
+#: Interleaved path (:func:`_gaussian_nll_fwd_interleaved_kernel`): σ's kept dim innermost in memory with at most
+#: this many entries (beyond, the tiled kernel's kept-first tile pads little and loads along it)...
+_INTERLEAVED_MAX_C = 16
+#: ...and a tile step (a multiple of C and of 8 elements) that idles at most 1/16 of the tile's lanes.
+_INTERLEAVED_MAX_IDLE = 1 / 16
+
+
+class _Interleaved(NamedTuple):
+    c: int  # σ's entries along the interleaved dim
+    step: int  # elements per tile: a multiple of c and of 8, at most block
+    block: int  # lanes per tile
+    n_tiles: int
+    n_rchunks: int
+    chunk_iters: int
+    programs: int
+    int64: bool
+
+
+def _interleaved(layout, names, device) -> _Interleaved | None:
+    """The interleaved kernel's grid when every operand in ``names`` is ``(k0, k1)`` segments of ``(rows, C)``
+    row-major (channels-last with a per-channel σ), else None (the tiled kernel)."""
+    c, rows = layout.ksize[2], layout.rsize[2]
+    if not (2 <= c <= _INTERLEAVED_MAX_C and _flat(layout)):
+        return None
+    if any(layout.kstride[n][2] != 1 or layout.rstride[n][2] != c for n in names):
+        return None
+    seg = rows * c
+    unit = c * 8 // math.gcd(c, 8)  # a step of whole channel groups and whole 8-element (16-byte) vectors
+    block = max(min(_common.BROADCAST_TILE, triton.next_power_of_2(seg)), triton.next_power_of_2(unit))
+    step = block - block % unit
+    if block - step > block * _INTERLEAVED_MAX_IDLE:
+        return None
+    n_seg = layout.ksize[0] * layout.ksize[1]
+    n_tiles = -(-seg // step)
+    target = _common.target_programs(device)
+    n_rchunks = 1 if n_seg >= target else min(n_tiles, -(-target // n_seg))
+    chunk_iters = -(-n_tiles // n_rchunks)
+    n_rchunks = -(-n_tiles // chunk_iters)
+    programs = n_seg * n_rchunks
+    # 64-bit index math when an offset a program forms (masked lanes included) may pass 2^31.
+    reach = max(sum((size - 1) * abs(st) for size, st in zip(layout.ksize[:2], layout.kstride[n][:2]))
+                for n in names) + n_tiles * step + block
+    return _Interleaved(c, step, block, n_tiles, n_rchunks, chunk_iters, programs, reach >= _common.INT32_LIMIT)
+
+
 def _forward(
     op: int,
     a: torch.Tensor,
@@ -442,13 +563,26 @@ def _forward(
         raise ValueError("reduction 'per_sample' needs a batch dimension")
     plan, v_full, perm = _forward_plan(a, b, small, shape, reduction, want_out=reduction == "none")
     layout = plan.layout
-    grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=False)
+    names = ("a", "b", "o") if reduction == "none" else ("a", "b")
+    inter = None if v_full or plan.small is None else _interleaved(layout, names, device)
+    grid = inter or _common.broadcast_grid(layout, device, lead="a", per_k_partials=False)
     if reduction == "none":
         out = _common.empty(shape, out_dtype, device, _unpermute(plan.out_strides, perm))
         partial = out  # unused
     else:
         partial = _common.empty((grid.programs,), cdtype, device)
         out = partial  # unused
+    if inter is not None:
+        _gaussian_nll_fwd_interleaved_kernel[(inter.programs,)](
+            plan.full["a"], plan.full["b"], plan.small, out, partial,
+            layout.ksize[1], layout.rsize[2] * inter.c, inter.n_tiles, inter.n_rchunks, inter.chunk_iters,
+            *(_common.layout_strides(layout, n) for n in ("a", "b", "s")),
+            _common.layout_strides(layout, "o" if reduction == "none" else None),
+            OP=op, MODE=ELEMENTWISE if reduction == "none" else SUM, FULL=bool(full), EPS=float(eps),
+            F64=cdtype == torch.float64, INT64=inter.int64, FAST=_fast(op, a, cdtype, eps),
+            C=inter.c, STEP=inter.step, BLOCK=inter.block, num_warps=_NUM_WARPS,
+        )
+        return _finish_forward(out, partial, reduction, shape)
     if v_full:
         s_ptr = plan.full["s"]
     else:
@@ -464,6 +598,10 @@ def _forward(
         F64=cdtype == torch.float64, INT64=grid.int64, FAST=_fast(op, a, cdtype, eps), V_FULL=v_full,
         FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
     )
+    return _finish_forward(out, partial, reduction, shape)
+
+
+def _finish_forward(out, partial, reduction, shape):
     if reduction == "none":
         return out
     if reduction == "sum":
