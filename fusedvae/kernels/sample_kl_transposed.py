@@ -80,8 +80,8 @@ def _tile(M, P, PQ, n_pb, n_qb, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q:
     tile_off = p_loc[:, None] * Q + q_loc[None, :]
     if MASKED:
         mask = ((pb * BLOCK_P + p_loc) < P)[:, None] & ((qb * BLOCK_Q + q_loc) < Q)[None, :]
-    else:
-        mask = None
+    else:  # never read (loads and stores take no mask): a constant
+        mask = tl.full([BLOCK_P, BLOCK_Q], 1, tl.int1)
     mem_base = m.to(tl.int64) * PQ + pb.to(tl.int64) * (BLOCK_P * Q) + qb * BLOCK_Q  # within a row n, at (m, p0, q0)
     log_base = m.to(tl.int64) * PQ + (qb * BLOCK_Q).to(tl.int64) * P + pb * BLOCK_P  # logical index of (m, q0, p0)
     return col, chunk, p_loc, q_loc, tile_off, mask, mem_base, log_base
@@ -95,6 +95,14 @@ def _load(ptr, mask, MASKED: tl.constexpr):
     else:
         x = tl.load(ptr)
     return x
+
+
+@triton.jit
+def _store(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
 
 
 @triton.jit
@@ -115,7 +123,7 @@ def _sample_kl_t_forward_kernel(
     N, M, P, PQ, row_len, numel, n_samples, key_ptr, n_pb, n_qb, row_steps,  # row_len = M P Q: dim 0's stride
     Q: tl.constexpr, SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr,
     HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr,
-    FAST: tl.constexpr, MASKED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    FAST: tl.constexpr, COARSE: tl.constexpr, MASKED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     col, chunk, p_loc, q_loc, tile_off, mask, mem_base, log_base = _tile(M, P, PQ, n_pb, n_qb, Q, BLOCK_P, BLOCK_Q,
                                                                          MASKED)
@@ -132,12 +140,12 @@ def _sample_kl_t_forward_kernel(
         lv = _load(lv_ptr + off, mask, MASKED)
         if SAMPLE:
             mu_s = mu.to(SAMPLE_DTYPE)
-            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
+            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5, COARSE)
             first = row + log_base
             z_off = off
             for _ in range(0, n_samples):
                 eps = _noise(seed, first, p_loc, q_loc, P, BLOCK_P, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST)
-                tl.store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask=mask)
+                _store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask, MASKED)
                 first += numel
                 z_off += numel
         if KL_MODE != OFF:
@@ -149,25 +157,26 @@ def _sample_kl_t_forward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr + off, mask, MASKED).to(KL_DTYPE)
                 d = d - plv
-                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST)
-                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST)
+                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST, 1.0, COARSE)
+                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST, COARSE)
             else:  # e^lv = sd^2: where z is drawn, a multiply, not an exp (as the row-view kernel)
                 if SAMPLE and KL_DTYPE == SAMPLE_DTYPE:
                     half = sd
                 else:
-                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5)
-                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64)
-            kl = 0.5 * (g + maha)  # masked lanes loaded 0: their KL is exactly 0, no select needed
+                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5, COARSE)
+                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64, COARSE)
+            # twice the KL; the 1/2 once per sum (exact: a power of two). Masked lanes load 0: g(0) + 0 is 0.
+            kl2 = g + maha
             if KL_MODE == ELEMENTWISE:
-                tl.store(kl_ptr + off, kl.to(kl_ptr.dtype.element_ty), mask=mask)
+                _store(kl_ptr + off, (kl2 * 0.5).to(kl_ptr.dtype.element_ty), mask, MASKED)
             elif KL_MODE == PER_SAMPLE:  # partials (n_col_tiles, N)
-                tl.store(kl_ptr + col.to(tl.int64) * N + n, tl.sum(tl.sum(kl, axis=1), axis=0))
+                tl.store(kl_ptr + col.to(tl.int64) * N + n, tl.sum(tl.sum(kl2, axis=1), axis=0) * 0.5)
             else:
-                acc += kl
+                acc += kl2
     if KL_MODE == SUM:  # partials (programs,)
-        tl.store(kl_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
+        tl.store(kl_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0) * 0.5)
     elif KL_MODE == PER_DIM:  # partials (n_row_chunks, M P Q) in memory order
-        tl.store(kl_ptr + chunk.to(tl.int64) * row_len + mem_base + tile_off, acc, mask=mask)
+        _store(kl_ptr + chunk.to(tl.int64) * row_len + mem_base + tile_off, acc * 0.5, mask, MASKED)
 
 
 @triton.jit
@@ -178,7 +187,7 @@ def _sample_kl_t_backward_kernel(
     Q: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_DZ: tl.constexpr, GKL_MODE: tl.constexpr,
     HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr, WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr,
     WRITE_DPMU: tl.constexpr, WRITE_DPLV: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-    FAST: tl.constexpr, MASKED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    FAST: tl.constexpr, COARSE: tl.constexpr, MASKED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     # GKL_MODE: ELEMENTWISE in mu's layout; SUM one scalar; PER_SAMPLE one per row n (gkl_sn apart); PER_DIM
     # a (M, P, Q) memory-order copy of the per-column gradient, loaded once per program.
@@ -201,7 +210,7 @@ def _sample_kl_t_backward_kernel(
         dlv = tl.zeros([BLOCK_P, BLOCK_Q], dtype=GRAD_DTYPE)
         if HAS_DZ:
             # dz/dmu = 1, dz/dlv = exp(lv/2) eps / 2, summed over the samples; eps regenerated.
-            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5)
+            sd = _exp(lv.to(SAMPLE_DTYPE), SAMPLE_DTYPE == tl.float64, FAST, 0.5, COARSE)
             first = row + log_base
             dz_off = off
             dz_eps = tl.zeros([BLOCK_P, BLOCK_Q], dtype=GRAD_DTYPE)
@@ -225,26 +234,26 @@ def _sample_kl_t_backward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr + off, mask, MASKED).to(GRAD_DTYPE)
                 d = d - plv
-                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
-                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST)
+                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST, 1.0, COARSE)  # (mu - mu_p) exp(-lv_p)
+                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST, COARSE)
             else:  # dkl/dlv = (e^d - 1) / 2; e^lv = sd^2 where the noise path has sd
                 weighted = diff
                 if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE:
                     half = sd
                 else:
-                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5)
-                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64)
+                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5, COARSE)
+                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64, COARSE)
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if WRITE_DPMU:  # dkl/dmu_p = -dkl/dmu
-                tl.store(dpmu_ptr + off, (-gkl * weighted).to(dpmu_ptr.dtype.element_ty), mask=mask)
+                _store(dpmu_ptr + off, (-gkl * weighted).to(dpmu_ptr.dtype.element_ty), mask, MASKED)
             if WRITE_DPLV:  # dkl/dlv_p = (1 - e^d - (mu - mu_p)^2 e^{-lv_p}) / 2
-                tl.store(dplv_ptr + off, (-0.5 * gkl * (em1 + weighted * diff)).to(dplv_ptr.dtype.element_ty),
-                         mask=mask)
+                _store(dplv_ptr + off, (-0.5 * gkl * (em1 + weighted * diff)).to(dplv_ptr.dtype.element_ty), mask,
+                       MASKED)
         if WRITE_DMU:
-            tl.store(dmu_ptr + off, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+            _store(dmu_ptr + off, dmu.to(dmu_ptr.dtype.element_ty), mask, MASKED)
         if WRITE_DLV:
-            tl.store(dlv_ptr + off, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+            _store(dlv_ptr + off, dlv.to(dlv_ptr.dtype.element_ty), mask, MASKED)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -407,7 +416,8 @@ def forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, samp
         Q=layout.Q, SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(layout, tile, aligned), KL_MODE=kl_mode,
         HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
         SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)), KL_DTYPE=_common.tl_dtype(kl_dtype),
-        FAST=fastmath.is_fast(mu), MASKED=_masked(layout, tile), BLOCK_P=tile.block_p, BLOCK_Q=tile.block_q,
+        FAST=fastmath.is_fast(mu), COARSE=_common.coarse_exp(result_dtype(mu, logvar, prior_mu, prior_logvar)),
+        MASKED=_masked(layout, tile), BLOCK_P=tile.block_p, BLOCK_Q=tile.block_q,
         num_warps=tile.num_warps,
     )
     if kl_mode in (OFF, ELEMENTWISE):
@@ -468,6 +478,8 @@ def backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, 
         gkl_mode, gkl, gkl_sn = got
     sample_dtype = compute_dtype(mu, logvar)
     grad_dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar) if grad_kl is not None else sample_dtype
+    # as the row-view launcher: every gradient is in its input's dtype, so 16-bit inputs only give 16-bit gradients
+    coarse = _common.coarse_exp(*(t.dtype for t in (mu, logvar, prior_mu, prior_logvar) if t is not None))
     strides = mu.stride()
     dmu = _common.empty(shape, mu.dtype, device, strides) if need_mu else None
     dlv = _common.empty(shape, logvar.dtype, device, strides) if need_lv else None
@@ -481,7 +493,7 @@ def backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, 
         GKL_MODE=gkl_mode, HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
         WRITE_DMU=need_mu, WRITE_DLV=need_lv, WRITE_DPMU=need_pmu, WRITE_DPLV=need_plv,
         SAMPLE_DTYPE=_common.tl_dtype(sample_dtype), GRAD_DTYPE=_common.tl_dtype(grad_dtype),
-        FAST=fastmath.is_fast(mu), MASKED=_masked(layout, tile), BLOCK_P=tile.block_p, BLOCK_Q=tile.block_q,
+        FAST=fastmath.is_fast(mu), COARSE=coarse, MASKED=_masked(layout, tile), BLOCK_P=tile.block_p, BLOCK_Q=tile.block_q,
         num_warps=tile.num_warps,
     )
     return dmu, dlv, dpmu, dplv
