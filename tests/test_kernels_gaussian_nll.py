@@ -575,6 +575,7 @@ def test_fast_path_compiles_to_hardware_approximations():
     forward_key = launches["per-element"][0][0]
     assert "_gaussian_nll_fwd_kernel" in forward_key and "('V_FULL', True)" in forward_key, forward_key
     assert "_gaussian_nll_fwd_interleaved_kernel" in launches["channels-last"][0][0]
+    assert "_gaussian_nll_bwd_interleaved_kernel" in launches["channels-last"][1][0]
     for key, ptx in launches["eps0"]:
         assert "('FAST', False)" in key and "div.rn.f32" in ptx, key
 
@@ -652,19 +653,42 @@ def test_per_element_sigma_gradient_follows_x_layout(layout, gen):
     assert torch.ops.fusedvae.gaussian_nll_var_backward(*args)[2].stride() == x.stride()
 
 
+_KERNELS = ("_gaussian_nll_fwd_kernel", "_gaussian_nll_fwd_interleaved_kernel", "_gaussian_nll_bwd_kernel",
+            "_gaussian_nll_bwd_interleaved_kernel")
+
+
+def _spy_launches(monkeypatch) -> list[str]:
+    """The names of the Gaussian-NLL kernels launched from now on, in order."""
+    launched = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in _KERNELS:
+        monkeypatch.setattr(kgnll, name, Spy(name, getattr(kgnll, name)))
+    return launched
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels, sigma", [(3, "per-channel"), (3, "per-sample-channel"), (4, "per-channel"),
                                               (5, "per-channel"), (6, "per-sample-channel")])
 def test_channels_last_per_channel_sigma_interleaved(channels, sigma, dtype, gen, monkeypatch):
-    """Channels-last x with σ / var per channel runs the interleaved forward (the channel innermost in memory).
+    """Channels-last x with σ / var per channel runs the interleaved kernels (the channel innermost in memory).
 
     Tile 128: several tiles per program, a partial last tile, and (C = 3, 5, 6) the lanes past the step idle.
     Values and gradients within 2x eager for every reduction, two runs bitwise equal, "none" channels-last.
+    The backward is interleaved too, except under "none" with this test's contiguous grad_output (tiled).
     """
     monkeypatch.setattr(kcommon, "BROADCAST_TILE", 128)
-    taken = []
+    launched = _spy_launches(monkeypatch)
+    grids = []
     real = kgnll._interleaved
-    monkeypatch.setattr(kgnll, "_interleaved", lambda *args: taken.append(real(*args)) or taken[-1])
+    monkeypatch.setattr(kgnll, "_interleaved", lambda *args: grids.append(real(*args)) or grids[-1])
     shape = (3, channels, 9, 11)
     small = (channels, 1, 1) if sigma == "per-channel" else (3, channels, 1, 1)
     cl = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
@@ -672,35 +696,70 @@ def test_channels_last_per_channel_sigma_interleaved(channels, sigma, dtype, gen
     log_sigma = randn(gen, small, 0.5).requires_grad_()
     var = (torch.rand(small, generator=gen, dtype=F64).to(DEVICE) + 0.05).requires_grad_()
     for reduction in ("none", "sum", "per_sample", "batchmean"):
+        launched.clear()
         out = check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": reduction}, dtype, gen,
                     views={"x": cl, "mean": cl})
+        bwd = "_gaussian_nll_bwd_kernel" if reduction == "none" else "_gaussian_nll_bwd_interleaved_kernel"
+        assert launched == ["_gaussian_nll_fwd_interleaved_kernel", bwd], (reduction, launched)
         if reduction == "none":
             assert out[0].is_contiguous(memory_format=torch.channels_last)
     for reduction, full in (("none", True), ("sum", False), ("batchmean", True)):
         def fn(input, target, var, reduction=reduction, full=full):  # eps 0.3 clamps some variances
             return fv.gaussian_nll_loss(input, target, var, full=full, eps=0.3, reduction=reduction)
 
+        launched.clear()
         check(fn, {"input": x, "target": mean, "var": var}, dtype, gen, views={"input": cl, "target": cl})
-    assert taken and all(t is not None for t in taken)
-    assert any(t.step < t.block for t in taken) == (channels != 4)
+        assert launched[0] == "_gaussian_nll_fwd_interleaved_kernel", launched
+        assert launched[1] == ("_gaussian_nll_bwd_kernel" if reduction == "none" else
+                               "_gaussian_nll_bwd_interleaved_kernel"), launched
+    grids = [g for g in grids if g is not None]
+    assert any(g.step < g.block for g in grids) == (channels != 4)
     xs, ms = cl(x.detach().to(dtype)), cl(mean.detach().to(dtype))
     with fv.use_backend("triton"):
         runs = [fv.gaussian_nll(xs, ms, log_sigma.detach().to(dtype), reduction="per_sample") for _ in range(2)]
         monkeypatch.setattr(kcommon, "INT32_LIMIT", 1)  # the 64-bit index math gives the same bits
         runs.append(fv.gaussian_nll(xs, ms, log_sigma.detach().to(dtype), reduction="per_sample"))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
-    assert taken[-1].int64 and not taken[-2].int64
-    assert max(t.n_tiles for t in taken) > 1 and max(t.chunk_iters for t in taken) > 1
+    assert grids[-1].int64 and not grids[-2].int64
+    assert max(g.n_tiles for g in grids) > 1 and max(g.chunk_iters for g in grids) > 1
+
+
+@pytest.mark.parametrize("op", ["gaussian_nll", "gaussian_nll_loss"])
+def test_channels_last_grad_output_interleaved_backward(op, gen, monkeypatch):
+    """``"none"`` with a channels-last grad_output (as autograd passes for a channels-last loss): the interleaved
+    backward reads it per element; every gradient within 2x eager, x's layout kept, repeat runs bitwise equal."""
+    monkeypatch.setattr(kcommon, "BROADCAST_TILE", 128)
+    launched = _spy_launches(monkeypatch)
+    shape = (2, 3, 10, 13)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    values = {"x": randn(gen, shape), "mean": randn(gen, shape),
+              "small": torch.rand((3, 1, 1), generator=gen, dtype=F64).to(DEVICE) + 0.2}
+    g = cl(torch.rand(shape, generator=gen, dtype=F64).to(DEVICE) + 0.25)
+
+    def grads(backend, dtype):
+        leaves = [v.to(dtype).requires_grad_() for v in values.values()]
+        x, mean, small = cl(leaves[0]), cl(leaves[1]), leaves[2]
+        with fv.use_backend(backend):
+            if op == "gaussian_nll":
+                out = fv.gaussian_nll(x, mean, small, reduction="none")
+            else:
+                out = fv.gaussian_nll_loss(x, mean, small, eps=0.3, full=True, reduction="none")
+        return torch.autograd.grad(out, leaves, g.to(dtype))
+
+    kernel = grads("triton", torch.float32)
+    assert launched == ["_gaussian_nll_fwd_interleaved_kernel", "_gaussian_nll_bwd_interleaved_kernel"], launched
+    eager, exact = grads("reference", torch.float32), grads("reference", F64)
+    for name, k, e, x in zip(values, kernel, eager, exact):
+        assert_within_twice_eager(name, k, e, x, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(kernel, grads("triton", torch.float32)))
 
 
 @pytest.mark.skipif(not kgnll.fastmath.EMULATED, reason="the FAST path is emulated under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("op", ["gaussian_nll", "gaussian_nll_loss"])
 def test_channels_last_interleaved_fast_path_emulated(op, gen, monkeypatch):
-    """The interleaved forward's FAST branch (``rcp.approx`` for 1/v, the clamped log) within 2x eager, emulated."""
+    """The interleaved kernels' FAST branch (``rcp.approx`` for 1/v, the clamped log) within 2x eager, emulated."""
     monkeypatch.setattr(kgnll.fastmath, "is_fast", lambda t: True)
-    taken = []
-    real = kgnll._interleaved
-    monkeypatch.setattr(kgnll, "_interleaved", lambda *args: taken.append(real(*args)) or taken[-1])
+    launched = _spy_launches(monkeypatch)
     shape = (3, 3, 9, 11)
     cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
     x, mean = randn(gen, shape).requires_grad_(), randn(gen, shape).requires_grad_()
@@ -716,4 +775,5 @@ def test_channels_last_interleaved_fast_path_emulated(op, gen, monkeypatch):
 
             check(fn, {"input": x, "target": mean, "var": small.requires_grad_()}, torch.float32, gen,
                   views={"input": cl, "target": cl})
-    assert taken and all(t is not None for t in taken)
+    assert launched == ["_gaussian_nll_fwd_interleaved_kernel", "_gaussian_nll_bwd_kernel",  # "none": contiguous g
+                        "_gaussian_nll_fwd_interleaved_kernel", "_gaussian_nll_bwd_interleaved_kernel"], launched

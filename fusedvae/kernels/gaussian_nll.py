@@ -16,8 +16,9 @@ per-element σ / variance in the tile loop like x (``V_FULL``: as kept indices e
 one tile, its setup and final sum paid per 8 elements), and every kernel sees the dims in x's memory
 order (channels-last and transposed tensors merge to one contiguous run, so their loads vectorize).
 Where σ's kept dim is itself the innermost one in memory (channels-last with a per-channel σ, C = 3)
-the forward runs :func:`_gaussian_nll_fwd_interleaved_kernel` instead: flat tiles along memory whose
-step is a multiple of C, so each lane keeps one channel (no (C -> 4) padding, vector loads).
+both directions run the ``_interleaved`` kernels instead: flat tiles along memory whose step is a
+multiple of C, so each lane keeps one channel (no (C -> 4) padding, vector loads); a ``"per_sample"``
+backward pins the sample index so that its grad_output is one value per program.
 
 Bytes moved (N elements of b bytes each; σ small unless per element; P = programs, a few per SM)
 ------------------------------------------------------------------------------------------------
@@ -396,6 +397,81 @@ def _gaussian_nll_bwd_kernel(
         tl.store(ds_ptr + pid_r * K + kidx, tl.sum(acc, axis=1).to(ds_ptr.dtype.element_ty), mask=kmask)
 
 
+@triton.jit
+def _gaussian_nll_bwd_interleaved_kernel(
+    a_ptr, b_ptr, s_ptr, g_ptr, da_ptr, db_ptr, ds_ptr,
+    K, K1, SEG, n_tiles, n_rchunks, chunk_iters,
+    a_st, b_st, s_st, g_st, o_st,  # each operand's (kept k0..k2, reduced r0..r2) strides, as in the tiled kernel
+    OP: tl.constexpr, EPS: tl.constexpr, G_FULL: tl.constexpr,
+    STORE_DA: tl.constexpr, STORE_DB: tl.constexpr, STORE_DS: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, FAST: tl.constexpr,
+    C: tl.constexpr, STEP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """:func:`_gaussian_nll_bwd_kernel` over the tiles of :func:`_gaussian_nll_fwd_interleaved_kernel`.
+
+    ``G_FULL``: grad_output is read per element like ``a``; otherwise it is one value per segment (``"sum"``,
+    or ``"per_sample"`` with the sample pinned as ``k0``). ``ds`` is summed per lane, then per channel at the
+    end, into row ``pid_r`` of the ``(n_rchunks, K)`` buffer.
+    """
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    pid_r = pid % n_rchunks
+    kout = pid // n_rchunks
+    k0 = kout // K1
+    k1 = kout % K1
+    a_seg = a_ptr + (k0 * a_st[0] + k1 * a_st[1])
+    b_seg = b_ptr + (k0 * b_st[0] + k1 * b_st[1])
+    g_seg = g_ptr + (k0 * g_st[0] + k1 * g_st[1])
+    o_k = k0 * o_st[0] + k1 * o_st[1]
+    lane = tl.arange(0, BLOCK)
+    ch = lane % C
+    s = upcast(tl.load(s_ptr + (k0 * s_st[0] + k1 * s_st[1] + ch * s_st[2])), F64)
+    if OP == OP_NLL:
+        inv_sigma = exp(-s, F64)
+    else:
+        var = tl.where(s < EPS, EPS, s)  # the clamp is invisible to autograd: d/dvar is taken at max(var, eps)
+        if FAST:  # 1 ulp; the launcher guarantees v >= 2^-126, so no flush to zero
+            inv_var = fastmath.rcp_approx(var)
+        else:
+            inv_var = div(1.0, var, F64)
+    if not G_FULL:
+        g = upcast(tl.load(g_seg), F64)
+    acc = upcast(tl.zeros((BLOCK,), dtype=tl.float32), F64)
+    t_start = pid_r * chunk_iters
+    t_end = tl.minimum(t_start + chunk_iters, n_tiles)
+    for t in range(t_start, t_end):
+        first = t * STEP
+        e = first + lane
+        mask = e < tl.minimum(first + STEP, SEG)
+        a = tl.load(a_seg + e, mask=mask, other=0.0)
+        b = tl.load(b_seg + e, mask=mask, other=0.0)
+        d = upcast(a, F64) - upcast(b, F64)
+        if G_FULL:
+            g = upcast(tl.load(g_seg + e, mask=mask, other=0.0), F64)
+        if OP == OP_NLL:
+            r = d * inv_sigma
+            db = -(g * r) * inv_sigma  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
+            ds = g * (1.0 - r * r)
+        else:
+            if FAST:
+                q = d * inv_var  # d / v within 1.5 ulp
+            else:
+                q = div(d, var, F64)
+            db = -(g * q)  # d/dtarget = -(input - target) / v
+            ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
+        if STORE_DA:
+            tl.store(da_ptr + (o_k + e), (-db).to(da_ptr.dtype.element_ty), mask=mask)
+        if STORE_DB:
+            tl.store(db_ptr + (o_k + e), db.to(db_ptr.dtype.element_ty), mask=mask)
+        if STORE_DS:
+            acc += tl.where(mask, ds, 0.0)
+    if STORE_DS:
+        row = ds_ptr + pid_r * K + kout * C
+        for c in tl.static_range(C):
+            tl.store(row + c, tl.sum(tl.where(ch == c, acc, 0.0), axis=0).to(ds_ptr.dtype.element_ty))
+
+
 # --------------------------------------------------------------------------------------------- #
 # Launchers                                                                                      #
 # --------------------------------------------------------------------------------------------- #
@@ -464,23 +540,43 @@ def _forward_plan(a, b, small, shape, reduction, want_out):
     return plan, v_full, perm
 
 
-def _backward_plan(a, b, small, shape, grad, need_da_db):
+def _backward_plan(a, b, small, shape, grad, need_da_db, pin_batch=False):
     """``(plan, v_full, perm)`` of the backward, over the dims in :func:`_memory_order`; the fake calls it too.
 
     ``v_full``: as in :func:`_forward_plan`; the per-element σ's gradient is then stored like ``da``
     (layout ``o``, x's layout when x is dense: no copy, and the fake backward promises the same).
+    ``pin_batch``: dim 0 kept outermost (a per-sample grad_output is then one value per program).
     """
     shape = tuple(shape)
     v_full = small is not None and tuple(small.shape) == shape
-    perm = _memory_order(a, shape, False)
+    perm = _memory_order(a, shape, pin_batch)
     n = len(shape)
     a, b, small, grad = (_permuted(t, perm, n) for t in (a, b, small, grad))
     if perm is not None:
         shape = tuple(shape[d] for d in perm)
     full = {"a": a, "b": b, "g": grad, "s": small} if v_full else {"a": a, "b": b, "g": grad}
     plan = _common.broadcast_plan(shape, full, None if v_full else small, out_like=a,
-                                  want_out=need_da_db or v_full, pin_batch=False)
+                                  want_out=need_da_db or v_full, pin_batch=pin_batch)
     return plan, v_full, perm
+
+
+def _backward_interleaved(a, b, small, shape, grad, need_da_db, reduction, plan, perm):
+    """``(grid, plan, perm)`` for the interleaved backward, or ``(None, plan, perm)`` as given (the tiled one).
+
+    grad_output must be read like x, or be one value per segment: ``"per_sample"`` pins the sample index
+    as the outermost kept dim for that (σ's gradient then also holds it, summed by the caller).
+    """
+    if reduction == "per_sample":
+        pinned, _, pinned_perm = _backward_plan(a, b, small, shape, grad, need_da_db, pin_batch=True)
+    else:
+        pinned, pinned_perm = plan, perm
+    names = ("a", "b", "o") if need_da_db else ("a", "b")
+    device = a.device
+    for names_g, per_segment in ((names + ("g",), ()), (names, ("g",))):
+        grid = _interleaved(pinned.layout, names_g, device, per_segment)
+        if grid is not None:
+            return grid, pinned, pinned_perm
+    return None, plan, perm
 
 
 def _fast(op: int, a: torch.Tensor, cdtype: torch.dtype, eps: float) -> bool:
@@ -510,13 +606,16 @@ class _Interleaved(NamedTuple):
     int64: bool
 
 
-def _interleaved(layout, names, device) -> _Interleaved | None:
-    """The interleaved kernel's grid when every operand in ``names`` is ``(k0, k1)`` segments of ``(rows, C)``
-    row-major (channels-last with a per-channel σ), else None (the tiled kernel)."""
+def _interleaved(layout, names, device, per_segment=()) -> _Interleaved | None:
+    """The interleaved kernels' grid when every operand in ``names`` is ``(k0, k1)`` segments of ``(rows, C)``
+    row-major (channels-last with a per-channel σ) and those in ``per_segment`` are one value per segment,
+    else None (the tiled kernels)."""
     c, rows = layout.ksize[2], layout.rsize[2]
     if not (2 <= c <= _INTERLEAVED_MAX_C and _flat(layout)):
         return None
     if any(layout.kstride[n][2] != 1 or layout.rstride[n][2] != c for n in names):
+        return None
+    if any(layout.kstride[n][2] != 0 or layout.rstride[n][2] != 0 for n in per_segment):
         return None
     seg = rows * c
     unit = c * 8 // math.gcd(c, 8)  # a step of whole channel groups and whole 8-element (16-byte) vectors
@@ -634,9 +733,14 @@ def _backward(
             torch.zeros_like(small) if need_s else None,
         )
     plan, v_full, perm = _backward_plan(a, b, small, shape, grad, need_a or need_b)
+    inter = None
+    if small is not None and not v_full:
+        inter, plan, perm = _backward_interleaved(a, b, small, shape, grad, need_a or need_b, reduction, plan, perm)
     out_strides = _unpermute(plan.out_strides, perm)
     layout = plan.layout
-    grid = _common.broadcast_grid(layout, device, lead="a", per_k_partials=need_s and not v_full)
+    grid = inter or _common.broadcast_grid(layout, device, lead="a", per_k_partials=need_s and not v_full)
+    # A pinned sample index that σ does not have: ds's kept dims hold it too, summed below with the chunks.
+    batch_rows = layout.ksize[0] if inter is not None and layout.kstride["s"][0] == 0 else 1
     # da / db go straight to the caller where the operand has the full shape; a broadcast operand (only
     # possible for torch's input / target) gets a full-size float buffer summed down afterwards.
     da = db = None
@@ -654,23 +758,35 @@ def _backward(
     if per_element:  # stored elementwise, like da (layout "o")
         ds_partial = _common.empty(shape, small.dtype, device, out_strides)
     elif need_s:
-        ds_dtype = small.dtype if grid.n_rchunks == 1 and not plan.small_materialised else cdtype
+        ds_dtype = small.dtype if grid.n_rchunks * batch_rows == 1 and not plan.small_materialised else cdtype
         ds_partial = _common.empty((grid.n_rchunks, K), ds_dtype, device)
     dummy = plan.full["a"]
     g_scalar = all(st == 0 for st in layout.kstride["g"] + layout.rstride["g"])
-    _gaussian_nll_bwd_kernel[(grid.programs,)](
-        plan.full["a"], plan.full["b"], plan.full["s"] if v_full else plan.small if plan.small is not None else dummy,
-        plan.full["g"], da if da is not None else dummy, db if db is not None else dummy,
-        ds_partial if ds_partial is not None else dummy,
-        K, layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
-        grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
-        *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if v_full or plan.small is not None else None,
-                                                      "g")),
-        _common.layout_strides(layout, "o" if plan.out_strides is not None else None),
-        OP=op, EPS=float(eps), G_SCALAR=g_scalar, STORE_DA=da is not None, STORE_DB=db is not None,
-        STORE_DS=need_s, F64=cdtype == torch.float64, INT64=grid.int64, FAST=_fast(op, a, cdtype, eps),
-        V_FULL=v_full, FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
-    )
+    if inter is not None:
+        _gaussian_nll_bwd_interleaved_kernel[(inter.programs,)](
+            plan.full["a"], plan.full["b"], plan.small, plan.full["g"], da if da is not None else dummy,
+            db if db is not None else dummy, ds_partial if ds_partial is not None else dummy,
+            K, layout.ksize[1], layout.rsize[2] * inter.c, inter.n_tiles, inter.n_rchunks, inter.chunk_iters,
+            *(_common.layout_strides(layout, n) for n in ("a", "b", "s", "g")),
+            _common.layout_strides(layout, "o" if plan.out_strides is not None else None),
+            OP=op, EPS=float(eps), G_FULL=layout.rstride["g"][2] != 0, STORE_DA=da is not None,
+            STORE_DB=db is not None, STORE_DS=need_s, F64=cdtype == torch.float64, INT64=inter.int64,
+            FAST=_fast(op, a, cdtype, eps), C=inter.c, STEP=inter.step, BLOCK=inter.block, num_warps=_NUM_WARPS,
+        )
+    else:
+        _gaussian_nll_bwd_kernel[(grid.programs,)](
+            plan.full["a"], plan.full["b"], plan.full["s"] if v_full else plan.small if plan.small is not None else dummy,
+            plan.full["g"], da if da is not None else dummy, db if db is not None else dummy,
+            ds_partial if ds_partial is not None else dummy,
+            K, layout.ksize[1], layout.ksize[2], layout.rsize[1], layout.rsize[2],
+            grid.n_kblk, grid.n_rblk, grid.n_rchunks, grid.chunk_iters,
+            *(_common.layout_strides(layout, n) for n in ("a", "b", "s" if v_full or plan.small is not None else None,
+                                                          "g")),
+            _common.layout_strides(layout, "o" if plan.out_strides is not None else None),
+            OP=op, EPS=float(eps), G_SCALAR=g_scalar, STORE_DA=da is not None, STORE_DB=db is not None,
+            STORE_DS=need_s, F64=cdtype == torch.float64, INT64=grid.int64, FAST=_fast(op, a, cdtype, eps),
+            V_FULL=v_full, FLAT=_flat(layout), BLOCK_K=grid.block_k, BLOCK_R=grid.block_r, num_warps=_NUM_WARPS,
+        )
     if da is not None and tuple(a.shape) != shape:
         da = da.sum_to_size(a.shape).to(a.dtype)
     if db is not None and tuple(b.shape) != shape:
@@ -679,7 +795,10 @@ def _backward(
     if per_element:
         ds = ds_partial
     elif need_s:
-        ds = ds_partial[0] if grid.n_rchunks == 1 else ds_partial.sum(dim=0)  # fixed order: deterministic
+        if batch_rows > 1:
+            ds = ds_partial.view(grid.n_rchunks * batch_rows, K // batch_rows).sum(dim=0)
+        else:
+            ds = ds_partial[0] if grid.n_rchunks == 1 else ds_partial.sum(dim=0)  # fixed order: deterministic
         # ds is in the kept order of the (permuted) plan: σ's dims, row-major in the permuted order.
         inverse = None if perm is None else tuple(sorted(range(len(perm)), key=perm.__getitem__))
         if plan.small_materialised:
