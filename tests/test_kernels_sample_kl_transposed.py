@@ -119,7 +119,7 @@ CASES = [
      dict(reduction="none", n_samples=3), (4, 4, 1)),
     ("perm-P%4-none-prior", "permuted", (2, 3, 5, 6), True, F32, dict(reduction="none"), None),
     ("perm-P%4-per_sample-bf16", "permuted", (2, 3, 5, 6), False, BF16, dict(reduction="per_sample"), None),
-    ("perm-per_dim-tiled", "permuted", (2, 3, 6, 8), False, F32, dict(reduction="per_dim"), (4, 4, 2)),
+    ("perm-per_dim-tiled", "permuted", (2, 3, 6, 8), False, F32, dict(reduction="per_dim"), (4, 8, 2)),
     ("perm-sum-prior-K3-tiled", "permuted", (2, 3, 6, 8), True, F32, dict(reduction="sum", n_samples=3), (4, 2, 1)),
     ("perm-none-prior-K3-bf16-tiled", "permuted", (2, 3, 6, 8), True, BF16,
      dict(reduction="none", n_samples=3), (8, 4, 2)),
@@ -160,18 +160,21 @@ def _run(mu, lv, pmu, plv, reduction, n_samples, offset, gz_seed=3):
     return [z, kl, *torch.autograd.grad([z, kl], leaves, [gz, gk])]
 
 
-@pytest.mark.parametrize("layout, shape, offset", [("channels_last", (3, 8, 4, 6), 8),
-                                                   ("permuted", (2, 3, 5, 6), 8),  # P = 6: per-element noise
-                                                   ("channels_last", (2, 8, 4, 4), 2**33 + 6)])  # unaligned key
+@pytest.mark.parametrize("layout, shape, offset, tiling", [
+    ("channels_last", (3, 8, 4, 6), 8, (4, 8, 1)),  # whole Philox blocks, BLOCK_P < BLOCK_Q: drawn [BLOCK_P / 4, Q]
+    ("channels_last", (3, 8, 4, 6), 8, (8, 4, 2)),  # whole blocks drawn along the runs, transposed
+    ("permuted", (2, 3, 5, 6), 8, (4, 4, 1)),  # P = 6: per-element noise; Q = 5: masked
+    ("channels_last", (2, 8, 4, 4), 2**33 + 6, (4, 4, 1)),  # an unaligned key: per-element noise
+])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_same_outputs_as_the_row_view_path(gen, monkeypatch, layout, shape, offset, reduction):
+def test_same_outputs_as_the_row_view_path(gen, monkeypatch, layout, shape, offset, tiling, reduction):
     """z, an elementwise KL and every gradient bit for bit, reductions to rounding; same shapes, dtypes, strides.
 
     bfloat16 posterior, float32 priors (mixed dtypes); two samples, many programs.
     """
     mu, lv, pmu, plv = (in_layout(randn(gen, shape), layout) for _ in range(4))
     mu, lv, pmu, plv = mu.to(BF16), lv.to(BF16), pmu.float(), plv.float()
-    monkeypatch.setattr(ktr, "TILING_OVERRIDE", (4, 4, 1))
+    monkeypatch.setattr(ktr, "TILING_OVERRIDE", tiling)
     forward = ktr.forward
     calls = _record(monkeypatch)
     new = _run(mu, lv, pmu, plv, reduction, 2, offset)

@@ -43,7 +43,7 @@ from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM
 from ._common import exp_accurate as _exp
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
 from ._common import exp_minus_one_minus_x_given as _exp_minus_one_minus_x_given
-from .philox import philox_normal_at, philox_normal_rows
+from .philox import _block_normals, philox_normal_at, philox_normal_rows
 
 _REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sample": PER_SAMPLE}
 
@@ -51,6 +51,8 @@ _REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sam
 TILING_OVERRIDE: tuple[int, int, int] | None = None
 #: Widest tile along Q (the memory-contiguous axis); a wider Q takes several tiles.
 MAX_BLOCK_Q = 128
+#: CUDA's limit on the grid's second axis (the row chunks); a longer one is left to the row-view kernels.
+MAX_GRID_Y = 65535
 #: As :data:`.sample_kl.SPREAD_MIN_SAMPLES`: from this many samples a backward with few programs is left to the
 #: row-view kernels, which spread the samples across programs (not imported: :mod:`.sample_kl` imports this file).
 SPREAD_MIN_SAMPLES = 8
@@ -68,13 +70,13 @@ def _tile(M, P, PQ, n_pb, n_qb, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q:
 
     The bases are int64 scalars (once per program); per-element offsets stay 32-bit within the tile.
     """
-    pid = tl.program_id(0)
-    n_col_tiles = M * n_pb * n_qb
-    col = pid % n_col_tiles
-    chunk = pid // n_col_tiles
-    qb = col % n_qb
-    pb = (col // n_qb) % n_pb
-    m = (col // n_qb) // n_pb
+    # A 2-D grid (column tiles, row chunks), decoded inner to outer, so that the usual M == 1 (channels-last) and
+    # n_qb == 1 (Q <= MAX_BLOCK_Q), specialised to constants by Triton, leave no integer division at all.
+    col = tl.program_id(0)
+    chunk = tl.program_id(1)
+    m = col % M
+    qb = (col // M) % n_qb
+    pb = (col // M) // n_qb
     p_loc = tl.arange(0, BLOCK_P)
     q_loc = tl.arange(0, BLOCK_Q)
     tile_off = p_loc[:, None] * Q + q_loc[None, :]
@@ -110,8 +112,13 @@ def _noise(seed, first, p_loc, q_loc, P, BLOCK_P: tl.constexpr, WHOLE_BLOCKS: tl
            FAST: tl.constexpr):
     """``[BLOCK_P, BLOCK_Q]`` normals: element ``(p, q)`` is logical index ``first + q P + p`` (int64 scalar)."""
     runs = first + q_loc.to(tl.int64) * P  # each q's run of BLOCK_P consecutive logical indices
-    if WHOLE_BLOCKS:  # each Philox block drawn once along the runs, then transposed to the memory order
+    if WHOLE_BLOCKS and BLOCK_P >= q_loc.shape[0]:  # each Philox block drawn once along the runs, then transposed
         eps = tl.trans(philox_normal_rows(seed, runs, BLOCK_P, True, DTYPE, FAST))
+    elif WHOLE_BLOCKS:  # short runs, wide Q: blocks laid out [BLOCK_P / 4, BLOCK_Q], Q fast (sm_90: ~1 instr/elem less)
+        blocks = (runs >> 2)[None, :] + tl.arange(0, BLOCK_P // 4)[:, None]
+        n0, n1, n2, n3 = _block_normals(seed, blocks, DTYPE, FAST)
+        # [g, q, i, j] is normal 2 i + j of block g: to [g, i, j, q], merged to [p = 4 g + 2 i + j, q]
+        eps = tl.reshape(tl.permute(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (0, 2, 3, 1)), [BLOCK_P, q_loc.shape[0]])
     else:
         eps = philox_normal_at(seed, runs[None, :] + p_loc[:, None], DTYPE, FAST)
     return eps
@@ -174,7 +181,7 @@ def _sample_kl_t_forward_kernel(
             else:
                 acc += kl2
     if KL_MODE == SUM:  # partials (programs,)
-        tl.store(kl_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0) * 0.5)
+        tl.store(kl_ptr + chunk.to(tl.int64) * tl.num_programs(0) + col, tl.sum(tl.sum(acc, axis=1), axis=0) * 0.5)
     elif KL_MODE == PER_DIM:  # partials (n_row_chunks, M P Q) in memory order
         _store(kl_ptr + chunk.to(tl.int64) * row_len + mem_base + tile_off, acc * 0.5, mask, MASKED)
 
@@ -307,8 +314,12 @@ class Tiling(NamedTuple):
     n_pb: int
     n_qb: int
     n_row_chunks: int
-    programs: int
+    grid: tuple[int, int]  # (column tiles, row chunks)
     num_warps: int
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1]
 
 
 def tiling(layout: Layout, device: torch.device) -> Tiling:
@@ -331,7 +342,7 @@ def _tiling(layout: Layout, cuda: bool, target: int, override: tuple[int, int, i
         row_steps = max(1, min(N, 32, N * col_tiles // max(target, 1)))
     n_pb, n_qb = triton.cdiv(P, block_p), triton.cdiv(Q, block_q)
     n_row_chunks = triton.cdiv(N, row_steps)
-    return Tiling(block_p, block_q, row_steps, n_pb, n_qb, n_row_chunks, M * n_pb * n_qb * n_row_chunks,
+    return Tiling(block_p, block_q, row_steps, n_pb, n_qb, n_row_chunks, (M * n_pb * n_qb, n_row_chunks),
                   8 if block_p * block_q >= 4096 else 4)
 
 
@@ -346,7 +357,10 @@ def _plan(mu, operands, reduction):
     layout = batched_transpose(tuple(mu.shape), mu.stride())
     if layout is None or (not layout.rows_are_dim0 and reduction in ("per_sample", "per_dim")):
         return None
-    return layout, tiling(layout, mu.device)
+    tile = tiling(layout, mu.device)
+    if tile.grid[1] > MAX_GRID_Y:
+        return None
+    return layout, tile
 
 
 def _common_args(layout: Layout, tile: Tiling, numel: int, n_samples: int):
@@ -410,7 +424,7 @@ def forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, samp
         buffer = _common.empty((layout.M * tile.n_pb * tile.n_qb, layout.N), kl_dtype, device)
     elif kl_mode == PER_DIM:
         buffer = _common.empty((tile.n_row_chunks, layout.M * layout.P * layout.Q), kl_dtype, device)
-    _sample_kl_t_forward_kernel[(tile.programs,)](
+    _sample_kl_t_forward_kernel[tile.grid](
         mu, logvar, prior_mu, prior_logvar, z, buffer, *_common_args(layout, tile, numel, n_samples), key,
         tile.n_pb, tile.n_qb, tile.row_steps,
         Q=layout.Q, SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(layout, tile, aligned), KL_MODE=kl_mode,
@@ -485,7 +499,7 @@ def backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, 
     dlv = _common.empty(shape, logvar.dtype, device, strides) if need_lv else None
     dpmu = _common.empty(shape, prior_mu.dtype, device, strides) if need_pmu else None
     dplv = _common.empty(shape, prior_logvar.dtype, device, strides) if need_plv else None
-    _sample_kl_t_backward_kernel[(tile.programs,)](
+    _sample_kl_t_backward_kernel[tile.grid](
         mu, logvar, prior_mu, prior_logvar, grad_z, gkl, dmu, dlv, dpmu, dplv,
         *_common_args(layout, tile, numel, n_samples), grad_z.stride(0) if grad_z is not None else 0, gkl_sn, key,
         tile.n_pb, tile.n_qb, tile.row_steps,
