@@ -215,12 +215,14 @@ def _declined_cases(gen):
     cl = [in_layout(randn(gen, shape), "channels_last") for _ in range(2)]
     per_channel = randn(gen, (4, 1, 1))
     two_d = [randn(gen, (8, 6)).t() for _ in range(2)]  # (6, 8) with dim 0 innermost
+    odd_p = [in_layout(randn(gen, (2, 4, 3, 3)), "channels_last") for _ in range(2)]  # rows of 36
     return [
         ("broadcast prior", [*cl, per_channel, per_channel], dict(reduction="sum"), None),
         ("mixed layouts", [cl[0], cl[1].contiguous(), None, None], dict(reduction="none"), None),
         ("many samples, few programs", [*cl, None, None], dict(reduction="per_dim", n_samples=3), None),
         ("2-D transpose per_sample", [*two_d, None, None], dict(reduction="per_sample"), None),
         ("2-D transpose sum (taken)", [*two_d, None, None], dict(reduction="sum"), True),
+        ("P = 9: the row view draws whole blocks", [*odd_p, None, None], dict(reduction="none"), None),
     ]
 
 
