@@ -681,17 +681,18 @@ def _spy_launches(monkeypatch) -> list[str]:
     return launched
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels, sigma", [(3, "per-channel"), (3, "per-sample-channel"), (4, "per-channel"),
                                               (5, "per-channel"), (6, "per-sample-channel")])
 def test_channels_last_per_channel_sigma_interleaved(channels, sigma, dtype, gen, monkeypatch):
     """Channels-last x with σ / var per channel runs the interleaved kernels (the channel innermost in memory).
 
-    Tile 128: several tiles per program, a partial last tile, and (C = 3, 5, 6) the lanes past the step idle.
-    Values and gradients within 2x eager for every reduction, two runs bitwise equal, "none" channels-last.
-    The backward is interleaved too, except under "none" with this test's contiguous grad_output (tiled).
+    Tile 128 lanes (float64 takes half the tile): several tiles per program, a partial last tile, and (C = 3,
+    5, 6) the lanes past the step idle. Values and gradients within 2x eager for every reduction, two runs
+    bitwise equal, "none" channels-last. The backward is interleaved too, except under "none" with this
+    test's contiguous grad_output (tiled).
     """
-    monkeypatch.setattr(kcommon, "BROADCAST_TILE", 128)
+    monkeypatch.setattr(kcommon, "BROADCAST_TILE", 256 if dtype == F64 else 128)
     launched = _spy_launches(monkeypatch)
     grids = []
     real = kgnll._interleaved

@@ -574,9 +574,9 @@ def _backward_interleaved(a, b, small, shape, grad, need_da_db, reduction, plan,
     else:
         pinned, pinned_perm = plan, perm
     names = ("a", "b", "o") if need_da_db else ("a", "b")
-    device = a.device
+    device, f64 = a.device, compute_dtype(a, b, small) == torch.float64
     for names_g, per_segment in ((names + ("g",), ()), (names, ("g",))):
-        grid = _interleaved(pinned.layout, names_g, device, per_segment)
+        grid = _interleaved(pinned.layout, names_g, device, f64, per_segment)
         if grid is not None:
             return grid, pinned, pinned_perm
     return None, plan, perm
@@ -609,10 +609,10 @@ class _Interleaved(NamedTuple):
     int64: bool
 
 
-def _interleaved(layout, names, device, per_segment=()) -> _Interleaved | None:
+def _interleaved(layout, names, device, f64: bool, per_segment=()) -> _Interleaved | None:
     """The interleaved kernels' grid when every operand in ``names`` is ``(k0, k1)`` segments of ``(rows, C)``
     row-major (channels-last with a per-channel σ) and those in ``per_segment`` are one value per segment,
-    else None (the tiled kernels)."""
+    else None (the tiled kernels). ``f64``: half the lanes (each holds σ's terms in registers)."""
     c, rows = layout.ksize[2], layout.rsize[2]
     if not (2 <= c <= _INTERLEAVED_MAX_C and _flat(layout)):
         return None
@@ -622,7 +622,8 @@ def _interleaved(layout, names, device, per_segment=()) -> _Interleaved | None:
         return None
     seg = rows * c
     unit = c * 8 // math.gcd(c, 8)  # a step of whole channel groups and whole 8-element (16-byte) vectors
-    block = max(min(_common.BROADCAST_TILE, triton.next_power_of_2(seg)), triton.next_power_of_2(unit))
+    tile = _common.BROADCAST_TILE // 2 if f64 else _common.BROADCAST_TILE
+    block = max(min(tile, triton.next_power_of_2(seg)), triton.next_power_of_2(unit))
     step = block - block % unit
     if block - step > block * _INTERLEAVED_MAX_IDLE:
         return None
@@ -666,7 +667,7 @@ def _forward(
     plan, v_full, perm = _forward_plan(a, b, small, shape, reduction, want_out=reduction == "none")
     layout = plan.layout
     names = ("a", "b", "o") if reduction == "none" else ("a", "b")
-    inter = None if v_full or plan.small is None else _interleaved(layout, names, device)
+    inter = None if v_full or plan.small is None else _interleaved(layout, names, device, cdtype == torch.float64)
     grid = inter or _common.broadcast_grid(layout, device, lead="a", per_k_partials=False)
     if reduction == "none":
         out = _common.empty(shape, out_dtype, device, _unpermute(plan.out_strides, perm))
