@@ -245,6 +245,16 @@ def test_declined_layouts_still_match_the_reference(gen, monkeypatch):
         assert all(c is None for c in calls["backward"]), name
 
 
+def test_too_many_row_chunks_for_the_grid_are_declined(gen, monkeypatch):
+    """Row chunks ride the grid's second axis (CUDA: at most 65535): more are left to the row-view kernels."""
+    monkeypatch.setattr(ktr, "TILING_OVERRIDE", (4, 4, 1))  # one row a chunk: 3 chunks
+    monkeypatch.setattr(ktr, "MAX_GRID_Y", 2)
+    calls = _record(monkeypatch)
+    mu, lv = (in_layout(randn(gen, (3, 4, 2, 4)), "channels_last") for _ in range(2))
+    compare_to_reference(gen, "rsample_kl", [mu, lv, None, None], (F32,) * 4, dict(reduction="per_sample"))
+    assert calls["forward"] == [None]
+
+
 # ---------------------------------------------------------------------------------------------
 # The FAST path's logic, emulated under the interpreter
 # ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ SPREAD_MIN_SAMPLES = 8
 
 
 @triton.jit
-def _tile(M, P, PQ, n_pb, n_qb, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _tile(M, P, PQ, n_qb, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
           MASKED: tl.constexpr):
     """This program's tile: column tile and row chunk ids, in-tile offsets, mask, memory and logical bases.
 
@@ -127,12 +127,12 @@ def _noise(seed, first, p_loc, q_loc, P, BLOCK_P: tl.constexpr, WHOLE_BLOCKS: tl
 @triton.jit
 def _sample_kl_t_forward_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, z_ptr, kl_ptr,  # absent priors / outputs are None; all in mu's layout
-    N, M, P, PQ, row_len, numel, n_samples, key_ptr, n_pb, n_qb, row_steps,  # row_len = M P Q: dim 0's stride
+    N, M, P, PQ, row_len, numel, n_samples, key_ptr, n_qb, row_steps,  # row_len = M P Q: dim 0's stride
     Q: tl.constexpr, SAMPLE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, KL_MODE: tl.constexpr,
     HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, KL_DTYPE: tl.constexpr,
     FAST: tl.constexpr, COARSE: tl.constexpr, MASKED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    col, chunk, p_loc, q_loc, tile_off, mask, mem_base, log_base = _tile(M, P, PQ, n_pb, n_qb, Q, BLOCK_P, BLOCK_Q,
+    col, chunk, p_loc, q_loc, tile_off, mask, mem_base, log_base = _tile(M, P, PQ, n_qb, Q, BLOCK_P, BLOCK_Q,
                                                                          MASKED)
     if SAMPLE:
         seed = tl.load(key_ptr)
@@ -190,7 +190,7 @@ def _sample_kl_t_forward_kernel(
 def _sample_kl_t_backward_kernel(
     mu_ptr, lv_ptr, pmu_ptr, plv_ptr, dz_ptr, gkl_ptr,  # None when absent; gkl as GKL_MODE says
     dmu_ptr, dlv_ptr, dpmu_ptr, dplv_ptr,  # None when not needed; all in mu's layout
-    N, M, P, PQ, row_len, numel, n_samples, dz_sk, gkl_sn, key_ptr, n_pb, n_qb, row_steps,
+    N, M, P, PQ, row_len, numel, n_samples, dz_sk, gkl_sn, key_ptr, n_qb, row_steps,
     Q: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, HAS_DZ: tl.constexpr, GKL_MODE: tl.constexpr,
     HAS_PMU: tl.constexpr, HAS_PLV: tl.constexpr, WRITE_DMU: tl.constexpr, WRITE_DLV: tl.constexpr,
     WRITE_DPMU: tl.constexpr, WRITE_DPLV: tl.constexpr, SAMPLE_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
@@ -198,7 +198,7 @@ def _sample_kl_t_backward_kernel(
 ):
     # GKL_MODE: ELEMENTWISE in mu's layout; SUM one scalar; PER_SAMPLE one per row n (gkl_sn apart); PER_DIM
     # a (M, P, Q) memory-order copy of the per-column gradient, loaded once per program.
-    col, chunk, p_loc, q_loc, tile_off, mask, mem_base, log_base = _tile(M, P, PQ, n_pb, n_qb, Q, BLOCK_P, BLOCK_Q,
+    col, chunk, p_loc, q_loc, tile_off, mask, mem_base, log_base = _tile(M, P, PQ, n_qb, Q, BLOCK_P, BLOCK_Q,
                                                                          MASKED)
     if HAS_DZ:
         seed = tl.load(key_ptr)
@@ -433,12 +433,12 @@ def forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, samp
     elif kl_mode == SUM:
         buffer = _common.empty((tile.programs,), kl_dtype, device)
     elif kl_mode == PER_SAMPLE:
-        buffer = _common.empty((layout.M * tile.n_pb * tile.n_qb, layout.N), kl_dtype, device)
+        buffer = _common.empty((tile.grid[0], layout.N), kl_dtype, device)
     elif kl_mode == PER_DIM:
         buffer = _common.empty((tile.n_row_chunks, layout.M * layout.P * layout.Q), kl_dtype, device)
     _sample_kl_t_forward_kernel[tile.grid](
         mu, logvar, prior_mu, prior_logvar, z, buffer, *_common_args(layout, tile, numel, n_samples), key,
-        tile.n_pb, tile.n_qb, tile.row_steps,
+        tile.n_qb, tile.row_steps,
         Q=layout.Q, SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(layout, tile, aligned), KL_MODE=kl_mode,
         HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
         SAMPLE_DTYPE=_common.tl_dtype(compute_dtype(mu, logvar)), KL_DTYPE=_common.tl_dtype(kl_dtype),
@@ -516,7 +516,7 @@ def backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, 
     _sample_kl_t_backward_kernel[tile.grid](
         mu, logvar, prior_mu, prior_logvar, grad_z, gkl, dmu, dlv, dpmu, dplv,
         *_common_args(layout, tile, numel, n_samples), grad_z.stride(0) if grad_z is not None else 0, gkl_sn, key,
-        tile.n_pb, tile.n_qb, tile.row_steps,
+        tile.n_qb, tile.row_steps,
         Q=layout.Q, WHOLE_BLOCKS=_whole_blocks(layout, tile, aligned), HAS_DZ=grad_z is not None,
         GKL_MODE=gkl_mode, HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
         WRITE_DMU=need_mu, WRITE_DLV=need_lv, WRITE_DPMU=need_pmu, WRITE_DPLV=need_plv,
