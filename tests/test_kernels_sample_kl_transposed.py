@@ -196,6 +196,28 @@ def test_same_outputs_as_the_row_view_path(gen, monkeypatch, layout, shape, offs
     assert torch.equal(new[0], z_contiguous)
 
 
+def test_summed_elementwise_kl_reads_one_gradient_value(gen, monkeypatch):
+    """``kl.sum()`` of an elementwise KL hands back an expanded scalar (strides 0): read once, not declined."""
+    monkeypatch.setattr(ktr, "TILING_OVERRIDE", (4, 4, 1))
+    leaves = [in_layout(randn(gen, (2, 4, 3, 4)), "channels_last").float() for _ in range(2)]
+    gz = in_layout(randn(gen, (2, 4, 3, 4)), "channels_last").float()
+
+    def grads():
+        mu, lv = (t.detach().requires_grad_() for t in leaves)
+        z, kl = ksample_kl.rsample_kl(mu, lv, None, None, n_samples=1, seed=3, offset=4, sample=True, kl=True,
+                                      reduction="none")
+        # squeeze, as fv.rsample_kl: a view, so z's gradient keeps gz's layout (z[0]'s would be a contiguous copy)
+        return torch.autograd.grad((z.squeeze(0) * gz).sum() + 0.75 * kl.sum(), [mu, lv])
+
+    calls = _record(monkeypatch)
+    new = grads()
+    assert calls["backward"] and all(c is not None for c in calls["backward"])
+    monkeypatch.setattr(ktr, "forward", lambda *a, **k: None)
+    monkeypatch.setattr(ktr, "backward", lambda *a, **k: None)
+    for a, b in zip(new, grads()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_two_runs_bitwise_equal(gen, monkeypatch, transposed_only, reduction):
     monkeypatch.setattr(ktr, "TILING_OVERRIDE", (4, 2, 2))  # 36 programs, partial sums across them
