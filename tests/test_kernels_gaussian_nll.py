@@ -142,14 +142,16 @@ def test_gaussian_nll_dtypes(dtype, reduction, sigma_shape, gen):
     assert [t.dtype for t in out] == [dtype] * 4  # the public op returns the input dtype, as torch does
 
 
-def test_gaussian_nll_mixed_dtypes(gen):
-    """bf16 data with a float32 σ parameter: result dtype float32, each gradient in its input's dtype."""
+@pytest.mark.parametrize("sigma_dtype", [torch.float32, torch.float64])
+def test_gaussian_nll_mixed_dtypes(gen, sigma_dtype):
+    """bf16 data with a float32 (float64) σ parameter: result dtype float32 (float64), each gradient in its input's
+    dtype (float64 gradients stored into bfloat16: the interpreter's direct conversion gave zeros, _common.to_element)."""
     x = randn(gen, (2, 3, 4, 5)).requires_grad_()
     mean = randn(gen, (2, 3, 4, 5)).requires_grad_()
     log_sigma = randn(gen, (3, 1, 1), 0.3).requires_grad_()
-    dtypes = {"x": torch.bfloat16, "mean": torch.bfloat16, "log_sigma": torch.float32}
+    dtypes = {"x": torch.bfloat16, "mean": torch.bfloat16, "log_sigma": sigma_dtype}
     out = check(nll, {"x": x, "mean": mean, "log_sigma": log_sigma, "reduction": "none"}, dtypes, gen)
-    assert [t.dtype for t in out] == [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+    assert [t.dtype for t in out] == [sigma_dtype, torch.bfloat16, torch.bfloat16, sigma_dtype]
 
 
 def _strided_copy(t):  # same values, transposed memory layout

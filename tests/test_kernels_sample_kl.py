@@ -198,6 +198,10 @@ CASES = [
      dict(reduction="batchmean"), False),
     ("fp16-mu-fp32-prior-none", "rsample_kl", (5, 6), (6,), (5, 6), (torch.float16, torch.float16, F32, F32),
      dict(reduction="none"), False),
+    # float64 priors with bfloat16 mu: float64 gradients stored into bfloat16 (the interpreter's direct conversion
+    # gave NaN: kernels._common.to_element)
+    ("bf16-mu-fp64-prior-sum", "rsample_kl", (5, 8), (5, 8), (8,), (torch.bfloat16, torch.bfloat16, F64, F64),
+     dict(reduction="sum", n_samples=2), False),
     ("fp64-per_sample-K2", "rsample_kl", (4, 6), (6,), (4, 1), (F64,) * 4,
      dict(reduction="per_sample", n_samples=2), False),
     ("float-priors-sum", "rsample_kl", (6, 5), 0.5, -1.0, (F32,) * 4, dict(reduction="sum"), False),

@@ -601,6 +601,19 @@ def reduced_offset(r0, r1, r2, st):
 
 
 @triton.jit
+def to_element(x, ptr):
+    """``x`` in ``ptr``'s element type, a float64 ``x`` through float32 when that type is 16-bit.
+
+    Triton's interpreter converts float64 to bfloat16 wrongly (zeros and NaN: the CPU tests of a bfloat16 ``mu``
+    with float64 priors got NaN gradients); through float32 every backend rounds it right, the double rounding
+    at most one 16-bit ulp from the direct one, on exact ties only.
+    """
+    if x.dtype == tl.float64 and ptr.dtype.element_ty.primitive_bitwidth == 16:
+        x = x.to(tl.float32)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _scaled(x, SCALE: tl.constexpr):
     if SCALE != 1.0:
         x = x * SCALE
@@ -617,7 +630,7 @@ def emit_step(value, acc, ptr, out_off, mask, rows, row_mask, pid_n, B, MODE: tl
     ``mask`` is off (its loads' ``other=0`` give 0), so no select.
     """
     if MODE == ELEMENTWISE:
-        tl.store(ptr + out_off, _scaled(value, SCALE).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + out_off, to_element(_scaled(value, SCALE), ptr), mask=mask)
     elif MODE != OFF:
         if not ZERO_MASKED:
             value = tl.where(mask, value, 0.0)

@@ -226,7 +226,7 @@ def _gaussian_nll_fwd_kernel(
             if OP == OP_VAR:
                 val = 0.5 * val
             o_off = o_k[:, None] + reduced_offset(r0, r1, r2, o_st)[None, :]
-            tl.store(out_ptr + o_off, val.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + o_off, _common.to_element(val, out_ptr), mask=mask)
         elif OP == OP_SSE or (OP == OP_VAR and V_FULL and not FULL and EPS <= 1.0):
             acc += val  # a masked lane loads a = b = 0 and v = 1: its term is exactly 0, no select needed
         else:
@@ -300,7 +300,7 @@ def _gaussian_nll_fwd_interleaved_kernel(
         if MODE == ELEMENTWISE:
             if OP == OP_VAR:
                 val = 0.5 * val
-            tl.store(o_seg + e, val.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(o_seg + e, _common.to_element(val, out_ptr), mask=mask)
         else:
             acc += tl.where(mask, val, 0.0)
     if MODE == SUM:
@@ -387,17 +387,17 @@ def _gaussian_nll_bwd_kernel(
             db = -2.0 * (g * d)  # d/dm = 2 (m - x) g
         o_off = o_k[:, None] + reduced_offset(r0, r1, r2, o_st)[None, :]  # dead code unless stored
         if STORE_DA:
-            tl.store(da_ptr + o_off, (-db).to(da_ptr.dtype.element_ty), mask=mask)
+            tl.store(da_ptr + o_off, _common.to_element(-db, da_ptr), mask=mask)
         if STORE_DB:
-            tl.store(db_ptr + o_off, db.to(db_ptr.dtype.element_ty), mask=mask)
+            tl.store(db_ptr + o_off, _common.to_element(db, db_ptr), mask=mask)
         if STORE_DS:
             if V_FULL:
-                tl.store(ds_ptr + o_off, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+                tl.store(ds_ptr + o_off, _common.to_element(ds, ds_ptr), mask=mask)
             else:
                 acc += tl.where(mask, ds, 0.0)
     if STORE_DS and not V_FULL:
         kidx = (k0 * K1 + k1) * K2 + k2
-        tl.store(ds_ptr + pid_r * K + kidx, tl.sum(acc, axis=1).to(ds_ptr.dtype.element_ty), mask=kmask)
+        tl.store(ds_ptr + pid_r * K + kidx, _common.to_element(tl.sum(acc, axis=1), ds_ptr), mask=kmask)
 
 
 @triton.jit
@@ -464,15 +464,15 @@ def _gaussian_nll_bwd_interleaved_kernel(
             db = -(g * q)  # d/dtarget = -(input - target) / v
             ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
         if STORE_DA:
-            tl.store(da_ptr + (o_k + e), (-db).to(da_ptr.dtype.element_ty), mask=mask)
+            tl.store(da_ptr + (o_k + e), _common.to_element(-db, da_ptr), mask=mask)
         if STORE_DB:
-            tl.store(db_ptr + (o_k + e), db.to(db_ptr.dtype.element_ty), mask=mask)
+            tl.store(db_ptr + (o_k + e), _common.to_element(db, db_ptr), mask=mask)
         if STORE_DS:
             acc += tl.where(mask, ds, 0.0)
     if STORE_DS:
         row = ds_ptr + pid_r * K + kout * C
         for c in tl.static_range(C):
-            tl.store(row + c, tl.sum(tl.where(ch == c, acc, 0.0), axis=0).to(ds_ptr.dtype.element_ty))
+            tl.store(row + c, _common.to_element(tl.sum(tl.where(ch == c, acc, 0.0), axis=0), ds_ptr))
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -108,7 +108,7 @@ def _sample_kl_forward_kernel(
             for _ in range(0, n_samples):
                 eps = philox_normal_rows(seed, first, BLOCK_N, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST,
                                          z_ptr.dtype.element_ty.primitive_bitwidth == 16 and INNER_RANK == 1)
-                tl.store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask=mask)
+                tl.store(z_ptr + z_off, _common.to_element(mu_s + sd * eps, z_ptr), mask=mask)
                 first += numel
                 z_off += numel
         if KL_MODE != OFF:
@@ -232,9 +232,9 @@ def _sample_kl_backward_kernel(
                 acc_plv = emit_step(gkl * (em1 + weighted * diff), acc_plv, dplv_ptr, out_off, mask,
                                      rows, row_mask, pid_n, B, PLV_MODE, -0.5, True)
         if WRITE_DMU:
-            tl.store(dmu_ptr + out_off, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+            tl.store(dmu_ptr + out_off, _common.to_element(dmu, dmu_ptr), mask=mask)
         if WRITE_DLV:
-            tl.store(dlv_ptr + out_off, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+            tl.store(dlv_ptr + out_off, _common.to_element(dlv, dlv_ptr), mask=mask)
     if HAS_GKL:
         emit_finish(acc_pmu, dpmu_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, PMU_MODE)
         emit_finish(acc_plv, dplv_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, PLV_MODE, -0.5)

@@ -152,7 +152,7 @@ def _sample_kl_t_forward_kernel(
             z_off = off
             for _ in range(0, n_samples):
                 eps = _noise(seed, first, p_loc, q_loc, P, BLOCK_P, WHOLE_BLOCKS, SAMPLE_DTYPE, FAST)
-                _store(z_ptr + z_off, (mu_s + sd * eps).to(z_ptr.dtype.element_ty), mask, MASKED)
+                _store(z_ptr + z_off, _common.to_element(mu_s + sd * eps, z_ptr), mask, MASKED)
                 first += numel
                 z_off += numel
         if KL_MODE != OFF:
@@ -175,7 +175,7 @@ def _sample_kl_t_forward_kernel(
             # twice the KL; the 1/2 once per sum (exact: a power of two). Masked lanes load 0: g(0) + 0 is 0.
             kl2 = g + maha
             if KL_MODE == ELEMENTWISE:
-                _store(kl_ptr + off, (kl2 * 0.5).to(kl_ptr.dtype.element_ty), mask, MASKED)
+                _store(kl_ptr + off, _common.to_element(kl2 * 0.5, kl_ptr), mask, MASKED)
             elif KL_MODE == PER_SAMPLE:  # partials (n_col_tiles, N)
                 tl.store(kl_ptr + col.to(tl.int64) * N + n, tl.sum(tl.sum(kl2, axis=1), axis=0) * 0.5)
             else:
@@ -253,14 +253,14 @@ def _sample_kl_t_backward_kernel(
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if WRITE_DPMU:  # dkl/dmu_p = -dkl/dmu
-                _store(dpmu_ptr + off, (-gkl * weighted).to(dpmu_ptr.dtype.element_ty), mask, MASKED)
+                _store(dpmu_ptr + off, _common.to_element(-gkl * weighted, dpmu_ptr), mask, MASKED)
             if WRITE_DPLV:  # dkl/dlv_p = (1 - e^d - (mu - mu_p)^2 e^{-lv_p}) / 2
-                _store(dplv_ptr + off, (-0.5 * gkl * (em1 + weighted * diff)).to(dplv_ptr.dtype.element_ty), mask,
+                _store(dplv_ptr + off, _common.to_element(-0.5 * gkl * (em1 + weighted * diff), dplv_ptr), mask,
                        MASKED)
         if WRITE_DMU:
-            _store(dmu_ptr + off, dmu.to(dmu_ptr.dtype.element_ty), mask, MASKED)
+            _store(dmu_ptr + off, _common.to_element(dmu, dmu_ptr), mask, MASKED)
         if WRITE_DLV:
-            _store(dlv_ptr + off, dlv.to(dlv_ptr.dtype.element_ty), mask, MASKED)
+            _store(dlv_ptr + off, _common.to_element(dlv, dlv_ptr), mask, MASKED)
 
 
 # --------------------------------------------------------------------------------------------- #
