@@ -36,3 +36,15 @@ def backend(request):
             pytest.skip("no GPU and TRITON_INTERPRET is not set")
     with fv.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def nan_filled_outputs(monkeypatch):
+    """Every output, gradient and partial-sum buffer the kernels allocate (``_common.empty``) starts as NaN."""
+    from fusedvae.kernels import _common  # after TRITON_INTERPRET is set above
+
+    def empty(shape, dtype, device, strides=None):
+        strides = _common.contiguous_strides(shape) if strides is None else strides
+        return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(float("nan"))
+
+    monkeypatch.setattr(_common, "empty", empty)

@@ -46,15 +46,9 @@ EPS32 = torch.finfo(F32).eps
 
 
 @pytest.fixture(autouse=True)
-def _fast_and_nan_filled(monkeypatch):
+def _fast_and_nan_filled(nan_filled_outputs, monkeypatch):
     """FAST on for CPU tensors (the test hook); every output and gradient buffer starts as NaN."""
-
-    def empty(shape, dtype, device, strides=None):
-        strides = kcommon.contiguous_strides(shape) if strides is None else strides
-        return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(float("nan"))
-
     monkeypatch.setattr(fastmath, "is_fast", lambda t: True)
-    monkeypatch.setattr(kcommon, "empty", empty)
     monkeypatch.setattr(ksample_kl, "TILING_OVERRIDE", None)
 
 

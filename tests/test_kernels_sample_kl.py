@@ -39,14 +39,8 @@ NOISE_ULPS = 64.0 if DEVICE == "cuda" else 8.0
 
 
 @pytest.fixture(autouse=True)
-def _nan_filled_outputs(monkeypatch):
-    """Every output, gradient and partial-sum buffer of the kernels starts as NaN."""
-
-    def empty(shape, dtype, device, strides=None):
-        strides = kcommon.contiguous_strides(shape) if strides is None else strides
-        return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(float("nan"))
-
-    monkeypatch.setattr(kcommon, "empty", empty)
+def _nan_filled_outputs(nan_filled_outputs, monkeypatch):
+    """Every output, gradient and partial-sum buffer of the kernels starts as NaN; the launchers' tilings."""
     monkeypatch.setattr(ksample_kl, "TILING_OVERRIDE", None)
 
 

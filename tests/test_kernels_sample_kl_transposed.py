@@ -21,7 +21,6 @@ import test_kernels_sample_kl as row_view_tests  # noqa: E402
 from test_kernels_sample_kl import compare_to_reference, randn  # noqa: E402
 
 import fusedvae as fv  # noqa: E402
-from fusedvae.kernels import _common as kcommon  # noqa: E402
 from fusedvae.kernels import fastmath  # noqa: E402
 from fusedvae.kernels import sample_kl as ksample_kl  # noqa: E402
 from fusedvae.kernels import sample_kl_transposed as ktr  # noqa: E402
@@ -32,14 +31,8 @@ REDUCTIONS = ("none", "sum", "per_sample", "per_dim")
 
 
 @pytest.fixture(autouse=True)
-def _nan_filled_outputs(monkeypatch):
+def _nan_filled_outputs(nan_filled_outputs, monkeypatch):
     """Every output, gradient and partial-sum buffer starts as NaN; default tilings."""
-
-    def empty(shape, dtype, device, strides=None):
-        strides = kcommon.contiguous_strides(shape) if strides is None else strides
-        return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device=device).fill_(float("nan"))
-
-    monkeypatch.setattr(kcommon, "empty", empty)
     monkeypatch.setattr(ksample_kl, "TILING_OVERRIDE", None)
     monkeypatch.setattr(ktr, "TILING_OVERRIDE", None)
 

@@ -35,6 +35,12 @@ ELEMENTWISE = tl.constexpr(1)
 SUM = tl.constexpr(2)
 PER_DIM = tl.constexpr(3)
 PER_SAMPLE = tl.constexpr(4)
+#: The sampling + KL ops' ``reduction`` argument as a mode.
+REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sample": PER_SAMPLE}
+#: A sampling backward spreads samples across programs (when the posterior alone leaves the device idle) from this
+#: many on: the chunks' sums are added by torch, so dlogvar then matches the one-program loop to rounding, not bit
+#: for bit; below it the loop is short anyway.
+SPREAD_MIN_SAMPLES = 8
 
 #: Index math switches to 64 bits when an offset a program forms may reach this.
 INT32_LIMIT = 2**31 - 1

@@ -28,7 +28,7 @@ On CUDA (outside the interpreter) the kernels take their ``FAST`` path (:mod:`.f
 the hardware's ``lg2/sqrt/sin/cos.approx`` and every float32 ``exp`` by ``fastmath.exp_accurate_f32``
 (never ``tl.exp``, whose error grows with the argument on a GPU). Many samples of a small posterior:
 the forward draws them as rows (:func:`_samples_as_rows`), the backward in sample chunks across
-programs whose sums torch adds (``SPREAD_MIN_SAMPLES``).
+programs whose sums torch adds (``_common.SPREAD_MIN_SAMPLES``).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ import triton.language as tl
 from ..precision import compute_dtype, result_dtype
 from ..seeding import check_key, key_from_ints
 from . import _common, _custom_op, fastmath, sample_kl_transposed
-from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM, column_offsets, emit_finish, emit_step
+from ._common import ELEMENTWISE, OFF, column_offsets, emit_finish, emit_step
 from ._common import exp_accurate as _exp
 from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
 from ._common import exp_minus_one_minus_x_given as _exp_minus_one_minus_x_given
 from .philox import philox_normal_rows
 
-_REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sample": PER_SAMPLE}
+_REDUCTION_MODE = _common.REDUCTION_MODE
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -244,10 +244,6 @@ def _sample_kl_backward_kernel(
 # Launchers                                                                                     #
 # --------------------------------------------------------------------------------------------- #
 
-#: The backward spreads samples across programs (when the posterior alone leaves the device idle) from this many
-#: on: the chunks' sums are added by torch, so dlogvar then matches the one-program loop to rounding, not bit for
-#: bit; below it the loop is short anyway.
-SPREAD_MIN_SAMPLES = 8
 #: Tests set ``(BLOCK_B, BLOCK_N, row_steps)`` here to force many small programs (forward and
 #: backward may be given different tilings: the noise is keyed by the logical index).
 TILING_OVERRIDE: tuple[int, int, int] | None = None
@@ -417,7 +413,7 @@ def sample_kl_backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n
         )
 
     chunks = 1
-    if (grad_z is not None and n_samples >= SPREAD_MIN_SAMPLES and (need_mu or need_lv)
+    if (grad_z is not None and n_samples >= _common.SPREAD_MIN_SAMPLES and (need_mu or need_lv)
             and programs < _common.target_programs(device)):
         chunk_samples = triton.cdiv(n_samples, min(n_samples, triton.cdiv(_common.target_programs(device), programs)))
         chunks = triton.cdiv(n_samples, chunk_samples)

@@ -45,7 +45,7 @@ from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
 from ._common import exp_minus_one_minus_x_given as _exp_minus_one_minus_x_given
 from .philox import _block_normals, philox_normal_at, philox_normal_rows
 
-_REDUCTION_MODE = {"none": ELEMENTWISE, "sum": SUM, "per_dim": PER_DIM, "per_sample": PER_SAMPLE}
+_REDUCTION_MODE = _common.REDUCTION_MODE
 
 #: Tests set ``(BLOCK_P, BLOCK_Q, row_steps)`` here to force many small programs.
 TILING_OVERRIDE: tuple[int, int, int] | None = None
@@ -53,9 +53,6 @@ TILING_OVERRIDE: tuple[int, int, int] | None = None
 MAX_BLOCK_Q = 128
 #: CUDA's limit on the grid's second axis (the row chunks); a longer one is left to the row-view kernels.
 MAX_GRID_Y = 65535
-#: As :data:`.sample_kl.SPREAD_MIN_SAMPLES`: from this many samples a backward with few programs is left to the
-#: row-view kernels, which spread the samples across programs (not imported: :mod:`.sample_kl` imports this file).
-SPREAD_MIN_SAMPLES = 8
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -494,7 +491,7 @@ def backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, 
         return None
     layout, tile = plan
     device, shape, numel = mu.device, mu.shape, mu.numel()
-    if grad_z is not None and n_samples >= SPREAD_MIN_SAMPLES and tile.programs < _common.target_programs(device):
+    if grad_z is not None and n_samples >= _common.SPREAD_MIN_SAMPLES and tile.programs < _common.target_programs(device):
         return None  # the row-view launcher spreads the samples across programs
     if grad_z is not None and _row_view_draws_better(mu, layout, tile, aligned):
         return None
