@@ -239,6 +239,16 @@ def _gaussian_nll_fwd_kernel(
 
 
 @triton.jit
+def _segment_of_program(n_rchunks, K1, INT64: tl.constexpr):
+    """The interleaved kernels' program id, its row chunk, its segment (``kout``) and that one's kept ``(k0, k1)``."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    kout = pid // n_rchunks
+    return pid, pid % n_rchunks, kout, kout // K1, kout % K1
+
+
+@triton.jit
 def _gaussian_nll_fwd_interleaved_kernel(
     a_ptr, b_ptr, s_ptr, out_ptr, partial_ptr,
     K1, SEG, n_tiles, n_rchunks, chunk_iters,
@@ -256,13 +266,7 @@ def _gaussian_nll_fwd_interleaved_kernel(
     aligned vectors) just below ``BLOCK``: every lane keeps its channel in every tile, so σ's terms are
     formed once per lane, and only the ``BLOCK - STEP`` lanes past ``STEP`` idle (8 of 1024 for C = 3).
     """
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    pid_r = pid % n_rchunks
-    kout = pid // n_rchunks
-    k0 = kout // K1
-    k1 = kout % K1
+    pid, pid_r, kout, k0, k1 = _segment_of_program(n_rchunks, K1, INT64)
     a_seg = a_ptr + (k0 * a_st[0] + k1 * a_st[1])
     b_seg = b_ptr + (k0 * b_st[0] + k1 * b_st[1])
     o_seg = out_ptr + (k0 * o_st[0] + k1 * o_st[1])
@@ -416,13 +420,7 @@ def _gaussian_nll_bwd_interleaved_kernel(
     or ``"per_sample"`` with the sample pinned as ``k0``). ``ds`` is summed per lane, then per channel at the
     end, into row ``pid_r`` of the ``(n_rchunks, K)`` buffer.
     """
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    pid_r = pid % n_rchunks
-    kout = pid // n_rchunks
-    k0 = kout // K1
-    k1 = kout % K1
+    pid, pid_r, kout, k0, k1 = _segment_of_program(n_rchunks, K1, INT64)
     a_seg = a_ptr + (k0 * a_st[0] + k1 * a_st[1])
     b_seg = b_ptr + (k0 * b_st[0] + k1 * b_st[1])
     g_seg = g_ptr + (k0 * g_st[0] + k1 * g_st[1])
