@@ -863,6 +863,27 @@ def exp_minus_one_minus_x(d, F64: tl.constexpr, FAST: tl.constexpr, COARSE: tl.c
 
 
 @triton.jit
+def kl_gradient_terms(diff, d, plv, sd, F64: tl.constexpr, FAST: tl.constexpr, COARSE: tl.constexpr):
+    """``(weighted, em1)``: the KL's ``dKL/dmu = weighted = (mu - mu_p) e^{-lv_p}`` and ``dKL/dlv = em1 / 2``.
+
+    ``diff = mu - mu_p``, ``d = lv - lv_p``; ``plv`` the prior's log-variance or None (a standard one:
+    ``weighted = diff``); ``sd = e^{d/2}`` where the caller has it (the noise path's standard deviation, no prior
+    log-variance) or None. ``em1 = e^d - 1`` by :func:`exp_minus_one_minus_x`, exact near ``d = 0``.
+    """
+    if plv is not None:
+        weighted = diff * exp_accurate(-plv, F64, FAST, 1.0, COARSE)
+        _, em1 = exp_minus_one_minus_x(d, F64, FAST, COARSE)
+    else:
+        weighted = diff
+        if sd is not None:
+            half = sd
+        else:
+            half = exp_accurate(d, F64, FAST, 0.5, COARSE)
+        _, em1 = exp_minus_one_minus_x_given(d, half * half, F64, COARSE)
+    return weighted, em1
+
+
+@triton.jit
 def exp_minus_one_minus_x_given(d, exp_d, F64: tl.constexpr, COARSE: tl.constexpr = False):
     """:func:`exp_minus_one_minus_x` from ``exp_d``, ``e^d`` to a few ulps (used for ``|d| >= 0.5`` only).
 

@@ -211,18 +211,10 @@ def _sample_kl_backward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, GRAD_DTYPE)
                 d = d - plv
-                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST, 1.0, COARSE)  # dkl/dmu = (mu - mu_p) exp(-lv_p)
-            else:
-                weighted = diff
-            # dkl/dlv = (e^d - 1) / 2; e^lv = sd^2 without a prior log-variance, as in the forward
-            if HAS_PLV:
-                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST, COARSE)
-            else:
-                if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE:
-                    half = sd
-                else:
-                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5, COARSE)
-                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64, COARSE)
+            # e^lv = sd^2 without a prior log-variance, as in the forward
+            weighted, em1 = _common.kl_gradient_terms(
+                diff, d, plv if HAS_PLV else None, sd if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE else None,
+                GRAD_DTYPE == tl.float64, FAST, COARSE)
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if PMU_MODE != OFF:  # dkl/dmu_p = -dkl/dmu

@@ -238,15 +238,10 @@ def _sample_kl_t_backward_kernel(
             if HAS_PLV:
                 plv = _load(plv_ptr + off, mask, MASKED).to(GRAD_DTYPE)
                 d = d - plv
-                weighted = diff * _exp(-plv, GRAD_DTYPE == tl.float64, FAST, 1.0, COARSE)  # (mu - mu_p) exp(-lv_p)
-                _, em1 = _exp_minus_one_minus_x(d, GRAD_DTYPE == tl.float64, FAST, COARSE)
-            else:  # dkl/dlv = (e^d - 1) / 2; e^lv = sd^2 where the noise path has sd
-                weighted = diff
-                if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE:
-                    half = sd
-                else:
-                    half = _exp(d, GRAD_DTYPE == tl.float64, FAST, 0.5, COARSE)
-                _, em1 = _exp_minus_one_minus_x_given(d, half * half, GRAD_DTYPE == tl.float64, COARSE)
+            # e^lv = sd^2 where the noise path has sd
+            weighted, em1 = _common.kl_gradient_terms(
+                diff, d, plv if HAS_PLV else None, sd if HAS_DZ and GRAD_DTYPE == SAMPLE_DTYPE else None,
+                GRAD_DTYPE == tl.float64, FAST, COARSE)
             dmu += gkl * weighted
             dlv += gkl * (0.5 * em1)
             if WRITE_DPMU:  # dkl/dmu_p = -dkl/dmu
