@@ -863,6 +863,25 @@ def exp_minus_one_minus_x(d, F64: tl.constexpr, FAST: tl.constexpr, COARSE: tl.c
 
 
 @triton.jit
+def kl_twice(diff, d, plv, sd, F64: tl.constexpr, FAST: tl.constexpr, COARSE: tl.constexpr):
+    """Twice the KL, ``g(d) + (mu - mu_p)^2 e^{-lv_p}`` with ``g(d) = e^d - 1 - d`` exact near ``d = 0``.
+
+    Arguments as :func:`kl_gradient_terms`. A masked lane whose loads gave 0 gives 0 (``g(0) = 0``).
+    """
+    maha = diff * diff
+    if plv is not None:
+        maha = maha * exp_accurate(-plv, F64, FAST, 1.0, COARSE)
+        g, _ = exp_minus_one_minus_x(d, F64, FAST, COARSE)
+    else:
+        if sd is not None:
+            half = sd
+        else:
+            half = exp_accurate(d, F64, FAST, 0.5, COARSE)
+        g, _ = exp_minus_one_minus_x_given(d, half * half, F64, COARSE)
+    return g + maha
+
+
+@triton.jit
 def kl_gradient_terms(diff, d, plv, sd, F64: tl.constexpr, FAST: tl.constexpr, COARSE: tl.constexpr):
     """``(weighted, em1)``: the KL's ``dKL/dmu = weighted = (mu - mu_p) e^{-lv_p}`` and ``dKL/dlv = em1 / 2``.
 

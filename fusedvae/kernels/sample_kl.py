@@ -42,12 +42,7 @@ from ..seeding import check_key, key_from_ints
 from . import _common, _custom_op, fastmath, sample_kl_transposed
 from ._common import ELEMENTWISE, OFF, column_offsets, emit_finish, emit_step
 from ._common import exp_accurate as _exp
-from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
-from ._common import exp_minus_one_minus_x_given as _exp_minus_one_minus_x_given
 from .philox import philox_normal_rows
-
-_REDUCTION_MODE = _common.REDUCTION_MODE
-
 
 # --------------------------------------------------------------------------------------------- #
 # Kernels                                                                                       #
@@ -116,21 +111,14 @@ def _sample_kl_forward_kernel(
             d = lv.to(KL_DTYPE)
             if HAS_PMU:
                 diff = diff - _load(pmu_ptr, rows, pmu_col, pmu_st, mask, KL_DTYPE)
-            maha = diff * diff
             if HAS_PLV:
                 plv = _load(plv_ptr, rows, plv_col, plv_st, mask, KL_DTYPE)
                 d = d - plv
-                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST, 1.0, COARSE)
-            if HAS_PLV:
-                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST, COARSE)
-            else:  # e^lv = sd^2 on every path (z drawn or not: the same KL): where z is drawn, a multiply, not an exp
-                if SAMPLE and KL_DTYPE == SAMPLE_DTYPE:
-                    half = sd
-                else:
-                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5, COARSE)
-                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64, COARSE)
+            # e^lv = sd^2 on every path (z drawn or not: the same KL): where z is drawn, a multiply, not an exp
+            kl2 = _common.kl_twice(diff, d, plv if HAS_PLV else None, sd if SAMPLE and KL_DTYPE == SAMPLE_DTYPE else None,
+                                   KL_DTYPE == tl.float64, FAST, COARSE)
             # the KL's 1/2 once per sum, not per element; masked lanes load zeros, and g(0) + 0 is 0: no select
-            acc = emit_step(g + maha, acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE, 0.5, True)
+            acc = emit_step(kl2, acc, kl_ptr, out_off, mask, rows, row_mask, pid_n, B, KL_MODE, 0.5, True)
     emit_finish(acc, kl_ptr, cols, col_mask, pid_n, pid_b, N, n_col_blocks, KL_MODE, 0.5)
 
 
@@ -286,7 +274,7 @@ def sample_kl_forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, ali
             return done
     shape, device, numel = mu.shape, mu.device, mu.numel()
     kl_dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar)
-    kl_mode = _REDUCTION_MODE[reduction] if kl else OFF
+    kl_mode = _common.REDUCTION_MODE[reduction] if kl else OFF
     shape2, view, operands, out_strides = _common.row_plan(mu, [mu, logvar, prior_mu, prior_logvar])
     z = None
     if sample:
@@ -577,8 +565,8 @@ def rsample_kl(
     """
     if not sample and not kl:
         return None, None
-    if reduction not in _REDUCTION_MODE:
-        raise ValueError(f"reduction must be one of {tuple(_REDUCTION_MODE)}, got {reduction!r}")
+    if reduction not in _common.REDUCTION_MODE:
+        raise ValueError(f"reduction must be one of {tuple(_common.REDUCTION_MODE)}, got {reduction!r}")
     if not kl:
         prior_mu = prior_logvar = None
     if key is not None:

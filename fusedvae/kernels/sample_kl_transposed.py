@@ -41,11 +41,7 @@ from ..precision import compute_dtype, result_dtype
 from . import _common, fastmath
 from ._common import ELEMENTWISE, OFF, PER_DIM, PER_SAMPLE, SUM
 from ._common import exp_accurate as _exp
-from ._common import exp_minus_one_minus_x as _exp_minus_one_minus_x
-from ._common import exp_minus_one_minus_x_given as _exp_minus_one_minus_x_given
 from .philox import _block_normals, philox_normal_at, philox_normal_rows
-
-_REDUCTION_MODE = _common.REDUCTION_MODE
 
 #: Tests set ``(BLOCK_P, BLOCK_Q, row_steps)`` here to force many small programs.
 TILING_OVERRIDE: tuple[int, int, int] | None = None
@@ -157,20 +153,13 @@ def _sample_kl_t_forward_kernel(
             d = lv.to(KL_DTYPE)
             if HAS_PMU:
                 diff = diff - _load(pmu_ptr + off, mask, MASKED).to(KL_DTYPE)
-            maha = diff * diff
             if HAS_PLV:
                 plv = _load(plv_ptr + off, mask, MASKED).to(KL_DTYPE)
                 d = d - plv
-                maha = maha * _exp(-plv, KL_DTYPE == tl.float64, FAST, 1.0, COARSE)
-                g, _ = _exp_minus_one_minus_x(d, KL_DTYPE == tl.float64, FAST, COARSE)
-            else:  # e^lv = sd^2: where z is drawn, a multiply, not an exp (as the row-view kernel)
-                if SAMPLE and KL_DTYPE == SAMPLE_DTYPE:
-                    half = sd
-                else:
-                    half = _exp(d, KL_DTYPE == tl.float64, FAST, 0.5, COARSE)
-                g, _ = _exp_minus_one_minus_x_given(d, half * half, KL_DTYPE == tl.float64, COARSE)
+            # e^lv = sd^2: where z is drawn, a multiply, not an exp (as the row-view kernel)
+            kl2 = _common.kl_twice(diff, d, plv if HAS_PLV else None, sd if SAMPLE and KL_DTYPE == SAMPLE_DTYPE else None,
+                                   KL_DTYPE == tl.float64, FAST, COARSE)
             # twice the KL; the 1/2 once per sum (exact: a power of two). Masked lanes load 0: g(0) + 0 is 0.
-            kl2 = g + maha
             if KL_MODE == ELEMENTWISE:
                 _store(kl_ptr + off, _common.to_element(kl2 * 0.5, kl_ptr), mask, MASKED)
             elif KL_MODE == PER_SAMPLE:  # partials (n_col_tiles, N)
@@ -355,7 +344,7 @@ def _plan(mu, operands, reduction):
     return layout, tile
 
 
-def _common_args(layout: Layout, tile: Tiling, numel: int, n_samples: int):
+def _common_args(layout: Layout, numel: int, n_samples: int):
     N, M, P, Q, _ = layout
     return (N, M, P, P * Q, M * P * Q, numel, n_samples)
 
@@ -413,7 +402,7 @@ def forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, samp
         return None  # the row-view launcher draws such samples as rows across programs
     if sample and _row_view_draws_better(mu, layout, tile, aligned):
         return None
-    kl_mode = _REDUCTION_MODE[reduction] if kl else OFF
+    kl_mode = _common.REDUCTION_MODE[reduction] if kl else OFF
     kl_dtype = compute_dtype(mu, logvar, prior_mu, prior_logvar)
     strides = mu.stride()
     z = None
@@ -429,7 +418,7 @@ def forward(mu, logvar, prior_mu, prior_logvar, *, n_samples, key, aligned, samp
     elif kl_mode == PER_DIM:
         buffer = _common.empty((tile.n_row_chunks, layout.M * layout.P * layout.Q), kl_dtype, device)
     _sample_kl_t_forward_kernel[tile.grid](
-        mu, logvar, prior_mu, prior_logvar, z, buffer, *_common_args(layout, tile, numel, n_samples), key,
+        mu, logvar, prior_mu, prior_logvar, z, buffer, *_common_args(layout, numel, n_samples), key,
         tile.n_qb, tile.row_steps,
         Q=layout.Q, SAMPLE=bool(sample), WHOLE_BLOCKS=_whole_blocks(layout, tile, aligned), KL_MODE=kl_mode,
         HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
@@ -507,7 +496,7 @@ def backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, *, n_samples, 
     dplv = _common.empty(shape, prior_logvar.dtype, device, strides) if need_plv else None
     _sample_kl_t_backward_kernel[tile.grid](
         mu, logvar, prior_mu, prior_logvar, grad_z, gkl, dmu, dlv, dpmu, dplv,
-        *_common_args(layout, tile, numel, n_samples), grad_z.stride(0) if grad_z is not None else 0, gkl_sn, key,
+        *_common_args(layout, numel, n_samples), grad_z.stride(0) if grad_z is not None else 0, gkl_sn, key,
         tile.n_qb, tile.row_steps,
         Q=layout.Q, WHOLE_BLOCKS=_whole_blocks(layout, tile, aligned), HAS_DZ=grad_z is not None,
         GKL_MODE=gkl_mode, HAS_PMU=prior_mu is not None, HAS_PLV=prior_logvar is not None,
