@@ -249,6 +249,17 @@ def _segment_of_program(n_rchunks, K1, INT64: tl.constexpr):
 
 
 @triton.jit
+def _interleaved_difference(a_seg, b_seg, t, lane, SEG, STEP: tl.constexpr, F64: tl.constexpr):
+    """Tile ``t`` of an interleaved segment: its offsets, its mask (the ``STEP`` lanes within ``SEG``) and ``a - b``."""
+    first = t * STEP
+    e = first + lane
+    mask = e < tl.minimum(first + STEP, SEG)
+    a = tl.load(a_seg + e, mask=mask, other=0.0)
+    b = tl.load(b_seg + e, mask=mask, other=0.0)
+    return e, mask, upcast(a, F64) - upcast(b, F64)
+
+
+@triton.jit
 def _gaussian_nll_fwd_interleaved_kernel(
     a_ptr, b_ptr, s_ptr, out_ptr, partial_ptr,
     K1, SEG, n_tiles, n_rchunks, chunk_iters,
@@ -288,12 +299,7 @@ def _gaussian_nll_fwd_interleaved_kernel(
     t_start = pid_r * chunk_iters
     t_end = tl.minimum(t_start + chunk_iters, n_tiles)
     for t in range(t_start, t_end):
-        first = t * STEP
-        e = first + lane
-        mask = e < tl.minimum(first + STEP, SEG)
-        a = tl.load(a_seg + e, mask=mask, other=0.0)
-        b = tl.load(b_seg + e, mask=mask, other=0.0)
-        d = upcast(a, F64) - upcast(b, F64)
+        e, mask, d = _interleaved_difference(a_seg, b_seg, t, lane, SEG, STEP, F64)
         if OP == OP_NLL:
             r = d * scale  # r before squaring: finite for |s| <= 80 unless the true value is not
             val = 0.5 * r * r + shift
@@ -442,12 +448,7 @@ def _gaussian_nll_bwd_interleaved_kernel(
     t_start = pid_r * chunk_iters
     t_end = tl.minimum(t_start + chunk_iters, n_tiles)
     for t in range(t_start, t_end):
-        first = t * STEP
-        e = first + lane
-        mask = e < tl.minimum(first + STEP, SEG)
-        a = tl.load(a_seg + e, mask=mask, other=0.0)
-        b = tl.load(b_seg + e, mask=mask, other=0.0)
-        d = upcast(a, F64) - upcast(b, F64)
+        e, mask, d = _interleaved_difference(a_seg, b_seg, t, lane, SEG, STEP, F64)
         if G_FULL:
             g = upcast(tl.load(g_seg + e, mask=mask, other=0.0), F64)
         if OP == OP_NLL:
