@@ -249,6 +249,26 @@ def _segment_of_program(n_rchunks, K1, INT64: tl.constexpr):
 
 
 @triton.jit
+def _mean_and_scale_gradients(d, g, scale, var, OP: tl.constexpr, FAST: tl.constexpr, F64: tl.constexpr):
+    """``(db, ds)`` of one element, ``d = a - b``, ``g`` its incoming gradient: d/dmean and d/dσ-term.
+
+    ``OP_NLL``: ``scale = exp(-s)``; ``OP_VAR``: ``scale = 1 / v`` and ``var = v`` (the exact division off FAST).
+    """
+    if OP == OP_NLL:
+        r = d * scale
+        db = -(g * r) * scale  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
+        ds = g * (1.0 - r * r)
+    else:
+        if FAST:
+            q = d * scale  # d / v within 1.5 ulp
+        else:
+            q = div(d, var, F64)
+        db = -(g * q)  # d/dtarget = -(input - target) / v
+        ds = (0.5 * g) * (scale - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
+    return db, ds
+
+
+@triton.jit
 def _interleaved_difference(a_seg, b_seg, t, lane, SEG, STEP: tl.constexpr, F64: tl.constexpr):
     """Tile ``t`` of an interleaved segment: its offsets, its mask (the ``STEP`` lanes within ``SEG``) and ``a - b``."""
     first = t * STEP
@@ -382,19 +402,11 @@ def _gaussian_nll_bwd_kernel(
                     inv_var = fastmath.rcp_approx(var)
                 else:
                     inv_var = div(1.0, var, F64)
-        if OP == OP_NLL:
-            r = d * inv_sigma
-            db = -(g * r) * inv_sigma  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
-            ds = g * (1.0 - r * r)
-        elif OP == OP_VAR:
-            if FAST:
-                q = d * inv_var  # d / v within 1.5 ulp
-            else:
-                q = div(d, var, F64)
-            db = -(g * q)  # d/dtarget = -(input - target) / v
-            ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
-        else:
+        if OP == OP_SSE:
             db = -2.0 * (g * d)  # d/dm = 2 (m - x) g
+        else:
+            db, ds = _mean_and_scale_gradients(d, g, inv_sigma if OP == OP_NLL else inv_var,
+                                               var if OP == OP_VAR else None, OP, FAST, F64)
         o_off = o_k[:, None] + reduced_offset(r0, r1, r2, o_st)[None, :]  # dead code unless stored
         if STORE_DA:
             tl.store(da_ptr + o_off, _common.to_element(-db, da_ptr), mask=mask)
@@ -451,17 +463,8 @@ def _gaussian_nll_bwd_interleaved_kernel(
         e, mask, d = _interleaved_difference(a_seg, b_seg, t, lane, SEG, STEP, F64)
         if G_FULL:
             g = upcast(tl.load(g_seg + e, mask=mask, other=0.0), F64)
-        if OP == OP_NLL:
-            r = d * inv_sigma
-            db = -(g * r) * inv_sigma  # dnll/dm = (m - x) exp(-2s), as -r exp(-s): no exp(-2s) overflow
-            ds = g * (1.0 - r * r)
-        else:
-            if FAST:
-                q = d * inv_var  # d / v within 1.5 ulp
-            else:
-                q = div(d, var, F64)
-            db = -(g * q)  # d/dtarget = -(input - target) / v
-            ds = (0.5 * g) * (inv_var - q * q)  # d/dvar = (1/v - (input - target)^2 / v^2) / 2
+        db, ds = _mean_and_scale_gradients(d, g, inv_sigma if OP == OP_NLL else inv_var,
+                                           var if OP == OP_VAR else None, OP, FAST, F64)
         if STORE_DA:
             tl.store(da_ptr + (o_k + e), _common.to_element(-db, da_ptr), mask=mask)
         if STORE_DB:
